@@ -1,0 +1,20 @@
+"""Hydra search-path plugin: makes ``fusion_bench method=statsmerging/...`` find our configs.
+
+Hydra imports every module of the top-level ``hydra_plugins`` namespace package on start-up, so this
+module stays import-light (hydra only).
+
+* ``pkg://statsmerge_plugin.config`` is our ``config/`` directory (shipped inside the wheel under that
+  name; in an editable install the same name maps to the repository's ``config/``).
+* ``pkg://fusion_bench_config`` is appended as well: FusionBench makes ``./config`` its *only* main config
+  directory when one exists in the working directory (e.g. our repository root), which would otherwise
+  hide ``fabric_model_fusion`` and every built-in method, pool and task pool.
+"""
+
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+
+class StatsMergePluginSearchPathPlugin(SearchPathPlugin):
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        search_path.append(provider="statsmerge-plugin", path="pkg://statsmerge_plugin.config")
+        search_path.append(provider="statsmerge-plugin-fusion-bench", path="pkg://fusion_bench_config")
