@@ -88,3 +88,70 @@ def check_finite(model_name: str, state: Mapping[str, torch.Tensor]) -> None:
     for name, tensor in state.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"model {model_name!r}: parameter {name!r} contains NaN or inf values")
+
+
+# --- generic helpers added for ProDistill (append-only) -------------------------------------------
+
+
+def check_int(option: str, value, minimum: int = 1) -> None:
+    """Raise ``ValueError`` naming ``option`` unless ``value`` is an ``int`` >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"invalid value {value!r} for option `{option}`: expected an integer >= {minimum}"
+        )
+
+
+def check_finite_number(option: str, value) -> None:
+    """Raise ``ValueError`` naming ``option`` unless ``value`` is a finite real number."""
+    import math
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value):
+        raise ValueError(f"invalid value {value!r} for option `{option}`: expected a finite number")
+
+
+def check_same_groups(
+    base_name: str,
+    base_groups: Mapping,
+    model_name: str,
+    groups: Mapping,
+    what: str = "block",
+) -> None:
+    """Each group (e.g. transformer block index → local parameter names) of ``model_name`` must have
+    exactly the names of the same group of ``base_name``; the error names the model and the group."""
+    for key in sorted(set(base_groups) | set(groups)):
+        if key not in groups:
+            raise ValueError(f"model {model_name!r} has no {what} {key}, which {base_name!r} has")
+        if key not in base_groups:
+            raise ValueError(f"model {model_name!r} has a {what} {key}, which {base_name!r} lacks")
+        missing = sorted(set(base_groups[key]) - set(groups[key]))
+        extra = sorted(set(groups[key]) - set(base_groups[key]))
+        if missing or extra:
+            raise ValueError(
+                f"model {model_name!r}, {what} {key}: parameter names differ from {base_name!r}: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
+            )
+
+
+def check_same_shapes(
+    base_name: str,
+    base_shapes: Mapping[str, tuple],
+    model_name: str,
+    shapes: Mapping[str, tuple],
+) -> None:
+    """Like :func:`check_compatible`, on ``{name: shape}`` maps (no tensor data needed)."""
+    missing = sorted(set(base_shapes) - set(shapes))
+    extra = sorted(set(shapes) - set(base_shapes))
+    if missing or extra:
+        raise ValueError(
+            f"model {model_name!r} does not have the parameters of {base_name!r}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
+        )
+    for name, shape in base_shapes.items():
+        if tuple(shapes[name]) != tuple(shape):
+            raise ValueError(
+                f"model {model_name!r}: parameter {name!r} has shape {tuple(shapes[name])}, "
+                f"{base_name!r} has {tuple(shape)}"
+            )

@@ -1,0 +1,89 @@
+R"""Pure tensor functions of ProDistill (spec §1.2, §1.4, §5.2): the element-wise merge rule, task
+arithmetic for the parameters outside the encoder blocks, and the block distillation loss.
+
+Nothing here knows about models, pools or devices; every function works on plain ``{name: tensor}``
+dictionaries and is unit-tested on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Literal, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+LossReduction = Literal["sum", "mean"]
+LOSS_REDUCTIONS = ("sum", "mean")
+
+
+def task_vectors(
+    base: Mapping[str, Tensor], finetuned: Mapping[str, Tensor], names: Sequence[str] = None
+) -> Dict[str, Tensor]:
+    """``τ = θ_i − θ_0`` for every name in ``names`` (default: all names of ``base``)."""
+    names = list(base) if names is None else list(names)
+    return {n: finetuned[n] - base[n] for n in names}
+
+
+def stack_task_vectors(per_task: Sequence[Mapping[str, Tensor]]) -> Dict[str, Tensor]:
+    """``[{name: τ_i}]_i`` → ``{name: stack_i τ_i}`` of shape ``(T, *param_shape)``."""
+    if len(per_task) == 0:
+        raise ValueError("stack_task_vectors needs at least one task vector")
+    return {n: torch.stack([tv[n] for tv in per_task], dim=0) for n in per_task[0]}
+
+
+def init_coefficients(
+    stacked_task_vectors: Mapping[str, Tensor], init_value: float
+) -> Dict[str, Tensor]:
+    """Element-wise coefficients ``α_{i,p}``: one tensor per parameter, shaped like its stacked task
+    vectors ``(T, *param_shape)``, all set to ``init_value`` (spec §1.1: 0.3)."""
+    return {
+        n: torch.full_like(tv, float(init_value), dtype=torch.float32)
+        for n, tv in stacked_task_vectors.items()
+    }
+
+
+def merge_elementwise(
+    base: Mapping[str, Tensor],
+    stacked_task_vectors: Mapping[str, Tensor],
+    coefficients: Mapping[str, Tensor],
+) -> Dict[str, Tensor]:
+    """ProDistill's merge rule (spec §1.2): ``θ_p = θ_{0,p} + Σ_i α_{i,p} ⊙ τ_{i,p}``.
+
+    Differentiable in ``coefficients``. ``stacked_task_vectors[p]`` and ``coefficients[p]`` have shape
+    ``(T, *base[p].shape)``.
+    """
+    return {n: base[n] + (coefficients[n] * stacked_task_vectors[n]).sum(dim=0) for n in base}
+
+
+def task_arithmetic(
+    base: Mapping[str, Tensor],
+    finetuned: Sequence[Mapping[str, Tensor]],
+    scaling_factor: float,
+) -> Dict[str, Tensor]:
+    """Task arithmetic ``θ_0 + λ Σ_i (θ_i − θ_0)`` (spec §1.1 "Non-block parameters")."""
+    merged = {}
+    for n, p0 in base.items():
+        delta = torch.zeros_like(p0)
+        for ft in finetuned:
+            delta += ft[n] - p0
+        merged[n] = p0 + scaling_factor * delta
+    return merged
+
+
+def block_loss(student: Tensor, teacher: Tensor, reduction: LossReduction = "sum") -> Tensor:
+    """Squared feature error between student and teacher block outputs (spec §1.4 step 2, §5.2).
+
+    ``"sum"`` is the official code's loss: the squared error summed over samples, tokens and hidden
+    units. ``"mean"`` divides it by the number of elements (same optimum; Adam is nearly scale-free).
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student and teacher outputs differ in shape: {tuple(student.shape)} vs "
+            f"{tuple(teacher.shape)}"
+        )
+    sq = (student - teacher).pow(2)
+    if reduction == "sum":
+        return sq.sum()
+    if reduction == "mean":
+        return sq.mean()
+    raise ValueError(f"invalid value {reduction!r} for option `loss_reduction`: {LOSS_REDUCTIONS}")

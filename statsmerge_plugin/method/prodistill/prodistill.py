@@ -1,0 +1,559 @@
+R"""
+ProDistill: Scalable Model Merging with Progressive Layer-wise Distillation.
+
+Reference:
+    Jing Xu, Jiazheng Li, Jingzhao Zhang.
+    "Scalable Model Merging with Progressive Layer-wise Distillation."
+    ICML 2025. https://arxiv.org/abs/2502.12706
+    Official code: github.com/JingXuTHU/Scalable_Model_Merging_with_Progressive_Layerwise_Distillation
+
+The merged model is task arithmetic with element-wise, per-task coefficients inside every transformer
+block ``l`` (spec §1.2):
+
+    θ^(l) = θ_0^(l) + Σ_i α_i^(l) ⊙ τ_i^(l),     τ_i = θ_i − θ_0,     α_i^(l) initialised to 0.3.
+
+Blocks are trained one at a time, from input to output, as feature-level multi-teacher distillation on
+a few unlabelled images per task (spec §1.4):
+
+    min_α  Σ_x || block_l(θ^(l)(α); z1(x)) − block_l(θ_{t(x)}^(l); z2(x)) ||²
+
+where ``z1`` is the sample's hidden state along the already-distilled merged prefix (student stream)
+and ``z2`` its hidden state along its own task's fine-tuned model (teacher stream) — the "dual
+inputs". After block ``l`` is trained both streams are pushed through it. Everything outside the
+blocks (``embeddings``, ``pre_layrnorm``, ``post_layernorm``) is plain task arithmetic (λ = 0.3).
+
+Choices (following the official vision code where it and the paper differ; spec §5):
+
+- Stage 0 follows the code, not the paper's ``D^(0) = {(x, x)}``: the student stream starts from the
+  task-arithmetic model's ``pre_layrnorm(embeddings(x))``, the teacher stream from the task model's
+  own embedding stage; embedding-stage parameters are task-arithmetic merged and never trained.
+- Loss: the code's plain sum of squared errors over samples, tokens and hidden units
+  (``loss_reduction="sum"``; ``"mean"`` is offered).
+- Element-wise coefficients for every parameter of a ``CLIPEncoderLayer``, LayerNorms and biases
+  included; Adam (lr 0.01), no weight decay, schedule, clamping, normalisation or regulariser.
+- Mixed-task shuffled minibatches of 128 over the pooled few-shot set, 100 epochs per block.
+- Few-shot images: 64 per task from the pool's ``val`` split (a held-out part of the training data)
+  when it has one, else a seeded random slice of the ``train`` split, as the code's
+  ``<Task>ValfromTrain``; labels are never read and the test split is never touched.
+
+Deviations (numerically equivalent, cheaper; spec §1.4, §1.6, §5.13):
+
+- Only each sample's own teacher block is run, and only *once per block*: the teacher stream does not
+  depend on the coefficients, so its block output is computed before training, used as the target for
+  every epoch and kept as the next block's teacher input. The code runs all T teachers on every
+  sample in every step and masks.
+- Block weights are streamed from each checkpoint (``safetensors.safe_open``) instead of loading
+  every full model; merged blocks are written straight into the output model instead of to disk.
+  Only the current block's pretrained weights, task vectors, coefficients and Adam state sit on the
+  compute device; the dual-input cache stays in host memory (or in memory-mapped files).
+- The stage-0 embedding pass uses only the small embedding-stage parameters of each fine-tuned model
+  (the code keeps all fine-tuned encoders on the GPU for this step).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from fusion_bench.method.base_algorithm import BaseAlgorithm
+from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_register_config
+from fusion_bench.modelpool import BaseModelPool
+from torch import Tensor, nn
+
+from ...data import HELD_OUT_SOURCES, held_out_images, stack_images
+from ...validation import (
+    check_choice,
+    check_finite,
+    check_finite_number,
+    check_int,
+    check_pool_models,
+    check_positive,
+    check_same_groups,
+    check_same_shapes,
+)
+from .activations import DualStreamCache, stack_task_ids
+from .block_io import WeightReader, make_reader
+from .layers import (
+    block_prefix,
+    call_block,
+    call_embedding_stage,
+    canonical_buffers,
+    canonical_parameters,
+    group_names,
+    vision_backbone,
+)
+from .merge import LOSS_REDUCTIONS, block_loss, init_coefficients, merge_elementwise
+from .merge import task_arithmetic as task_arithmetic_merge
+from .reporting import (
+    LossCurves,
+    cuda_peak_mb,
+    current_rss_mb,
+    peak_rss_mb,
+    reset_cuda_peak,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+PRETRAINED = "_pretrained_"
+ACTIVATION_CACHES = ("memory", "disk")
+
+
+@auto_register_config
+class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
+    """ProDistill for a ``CLIPVisionModelPool`` (spec §1, §6).
+
+    Args:
+        shots_per_task: unlabelled few-shot images per task (spec §1.1: 64).
+        data_source: ``"auto"`` (the pool's val split if it has one for the task, else a seeded train
+            slice), ``"val"`` or ``"train"``. The test split is never allowed.
+        seed: seeds the few-shot draw and the minibatch shuffling.
+        lr: Adam learning rate for the coefficients (spec §1.1: 0.01).
+        epochs_per_block: epochs over the pooled few-shot set per block (spec §1.1: 100).
+        batch_size: mixed-task minibatch size (spec §1.1: 128); also the chunk size of the
+            embedding and propagation passes.
+        init_lambda: initial value of every element-wise coefficient (spec §1.2, §5.5: 0.3).
+        ta_lambda: task-arithmetic scaling of the parameters outside the blocks (spec §1.1: 0.3).
+        loss_reduction: ``"sum"`` (official code) or ``"mean"`` of the squared feature error.
+        activation_cache: ``"memory"`` (host RAM) or ``"disk"`` (memory-mapped files in the scratch
+            directory) for the dual-input cache.
+        scratch_dir: directory for the on-disk cache and for converted checkpoints of pool entries
+            that cannot be streamed; a temporary directory (deleted afterwards) when ``None``.
+        allow_single_task: accept a pool with a single task model (ProDistill then distils that one
+            model; used to check that the merge can reproduce a fine-tuned model). Off by default:
+            merging needs at least two task models.
+        save_loss_curves: write per-block loss curves (CSV and PNG) into ``log_dir``.
+
+    Raises:
+        ValueError: at construction for an invalid option (the message names the option), and in
+            :meth:`run`, before any training, for a bad pool (see :meth:`validate_pool`).
+    """
+
+    def __init__(
+        self,
+        shots_per_task: int = 64,
+        data_source: str = "auto",
+        seed: int = 0,
+        lr: float = 0.01,
+        epochs_per_block: int = 100,
+        batch_size: int = 128,
+        init_lambda: float = 0.3,
+        ta_lambda: float = 0.3,
+        loss_reduction: str = "sum",
+        activation_cache: str = "memory",
+        scratch_dir: Optional[str] = None,
+        allow_single_task: bool = False,
+        save_loss_curves: bool = True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.check_options()
+        self.block_records: List[Dict] = []
+        self.loss_curves = LossCurves()
+
+    # ------------------------------------------------------------------------------------------
+    # checks
+    # ------------------------------------------------------------------------------------------
+
+    def check_options(self) -> None:
+        """Raise ``ValueError`` naming the first invalid option."""
+        check_int("shots_per_task", self.shots_per_task, 1)
+        check_choice("data_source", self.data_source, HELD_OUT_SOURCES)
+        check_int("seed", self.seed, 0)
+        check_positive("lr", self.lr)
+        check_finite_number("lr", self.lr)
+        check_int("epochs_per_block", self.epochs_per_block, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_finite_number("init_lambda", self.init_lambda)
+        check_finite_number("ta_lambda", self.ta_lambda)
+        check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
+        check_choice("activation_cache", self.activation_cache, ACTIVATION_CACHES)
+        if self.scratch_dir is not None and not isinstance(self.scratch_dir, (str, Path)):
+            raise ValueError(
+                f"invalid value {self.scratch_dir!r} for option `scratch_dir`: expected a path or null"
+            )
+        check_choice("allow_single_task", self.allow_single_task, (True, False))
+        check_choice("save_loss_curves", self.save_loss_curves, (True, False))
+
+    def validate_pool(
+        self, reference: Dict[str, tuple], readers: Dict[str, WeightReader]
+    ) -> Dict[int, List[str]]:
+        """Structure and value checks on every model, before any training (spec §6).
+
+        Args:
+            reference: ``{canonical name: shape}`` of the pretrained model's vision parameters.
+            readers: block-wise readers of ``_pretrained_`` and every task model.
+
+        Returns:
+            ``{block index: [local parameter names]}`` of the pretrained model.
+
+        Raises:
+            ValueError: naming the model and block when a block's parameter names differ, the model
+                and parameter for a missing/unexpected parameter or a shape mismatch, and the model
+                and parameter for NaN/inf values.
+        """
+        ref_blocks, _ = group_names(reference)
+        if not ref_blocks:
+            raise ValueError(
+                f"model {PRETRAINED!r} has no `encoder.layers.<l>.*` parameters: not a CLIP vision "
+                "model?"
+            )
+        for name, reader in readers.items():
+            shapes = reader.shapes()
+            blocks, _ = group_names(shapes)
+            check_same_groups(PRETRAINED, ref_blocks, name, blocks, what="block")
+            check_same_shapes(PRETRAINED, reference, name, shapes)
+        # NaN/inf: stream every model block by block (never a whole model at once).
+        groups = [[block_prefix(b) + n for n in names] for b, names in ref_blocks.items()]
+        groups.append(group_names(reference)[1])
+        for name, reader in readers.items():
+            for group in groups:
+                check_finite(name, reader.read(group))
+        return ref_blocks
+
+    # ------------------------------------------------------------------------------------------
+    # the algorithm
+    # ------------------------------------------------------------------------------------------
+
+    def run(self, modelpool: BaseModelPool) -> nn.Module:
+        """Merge the pool with ProDistill.
+
+        Args:
+            modelpool: a ``CLIPVisionModelPool`` with ``_pretrained_``, the task models, a processor
+                and ``val`` or ``train`` datasets for every task.
+
+        Returns:
+            The merged ``CLIPVisionModel`` (task arithmetic outside the blocks, distilled blocks).
+        """
+        self.check_options()
+        if not isinstance(modelpool, BaseModelPool) or not hasattr(modelpool, "load_processor"):
+            raise TypeError(
+                "ProDistillForCLIP needs a CLIPVisionModelPool (models, processor and val/train "
+                f"datasets), got {type(modelpool).__name__}"
+            )
+        check_pool_models(modelpool, min_models=1 if self.allow_single_task else 2)
+        tasks = list(modelpool.model_names)
+        device = self.fabric.device
+        self.block_records, self.loss_curves = [], LossCurves()
+        own_scratch = self.scratch_dir is None
+        scratch = Path(tempfile.mkdtemp(prefix="prodistill_") if own_scratch else self.scratch_dir)
+        t_start = time.perf_counter()
+        try:
+            return self._run(modelpool, tasks, device, scratch)
+        finally:
+            if own_scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
+            log.info(f"ProDistill finished in {time.perf_counter() - t_start:.1f} s")
+
+    def _run(self, modelpool, tasks: List[str], device, scratch: Path) -> nn.Module:
+        t0 = time.perf_counter()
+        with self.profile("load output skeleton"):
+            # one full model: the output (pretrained weights, overwritten as blocks are merged)
+            merged_model = modelpool.load_model(PRETRAINED)
+            backbone = vision_backbone(merged_model)
+            out_params = canonical_parameters(merged_model)
+            reference = {n: tuple(p.shape) for n, p in out_params.items()}
+            buffer_names = list(canonical_buffers(merged_model))
+
+        with self.profile("open readers and validate"):
+            readers = {
+                name: make_reader(modelpool, name, scratch / "converted", buffer_names)
+                for name in [PRETRAINED] + tasks
+            }
+            for name, reader in readers.items():
+                log.info(f"model {name!r}: block-wise reads from {reader.source}")
+            ref_blocks = self.validate_pool(reference, readers)
+            _, other_names = group_names(reference)
+
+        with self.profile("few-shot data"):
+            pixels = self._few_shot_pixels(modelpool, tasks)
+
+        # --- non-block parameters: task arithmetic (spec §1.1, §1.5) --------------------------
+        with self.profile("task arithmetic (non-block)"):
+            base_other = readers[PRETRAINED].read(other_names)
+            task_other = [readers[t].read(other_names) for t in tasks]
+            ta_other = task_arithmetic_merge(base_other, task_other, self.ta_lambda)
+            with torch.no_grad():
+                for n, value in ta_other.items():
+                    out_params[n].copy_(value.to(out_params[n].dtype))
+
+        # --- stage 0: dual inputs (spec §1.3) -------------------------------------------------
+        with self.profile("stage 0: embeddings"):
+            cache = self._stage0(backbone, pixels, ta_other, task_other, tasks, device, scratch)
+        del base_other, task_other, pixels
+        gc.collect()
+        setup_seconds = time.perf_counter() - t0
+        log.info(
+            f"ProDistill: {len(cache)} samples, {len(ref_blocks)} blocks, cache "
+            f"{cache.nbytes / 2**20:.1f} MiB ({self.activation_cache}), setup {setup_seconds:.1f} s"
+        )
+
+        # --- blocks, one at a time (spec §1.4) -------------------------------------------------
+        generator = torch.Generator().manual_seed(self.seed)
+        layers = backbone.encoder.layers
+        try:
+            for index, local_names in ref_blocks.items():
+                record = self._distill_block(
+                    index, local_names, layers[index], readers, tasks, cache, device, generator
+                )
+                with torch.no_grad():
+                    for n, value in record.pop("merged").items():
+                        p = out_params[block_prefix(index) + n]
+                        p.copy_(value.to(p.device, p.dtype))
+                self.block_records.append(record)
+                log.info(
+                    f"block {index}: loss {record['initial_loss']:.4g} -> {record['final_loss']:.4g}, "
+                    f"{record['seconds']:.1f} s, peak RSS {record['peak_rss_mb']:.0f} MiB"
+                    + (
+                        f", CUDA peak {record['cuda_peak_mb']:.0f} MiB"
+                        if record["cuda_peak_mb"] is not None
+                        else ""
+                    )
+                )
+        finally:
+            cache.close()
+
+        self._write_outputs(tasks, setup_seconds, time.perf_counter() - t0)
+        self.print_profile_summary()
+        return merged_model
+
+    def _few_shot_pixels(self, modelpool, tasks: List[str]) -> List[Tensor]:
+        """Processed few-shot images of every task (spec §1.1); all counts are checked first."""
+        processor = modelpool.load_processor()
+        images = [
+            held_out_images(
+                modelpool,
+                t,
+                processor,
+                self.shots_per_task,
+                seed=self.seed,
+                source=self.data_source,
+            )
+            for t in tasks
+        ]  # raises, naming the task, when a split has fewer images than asked
+        self._data_info = {t: len(im) for t, im in zip(tasks, images)}
+        return [stack_images(im, batch_size=self.batch_size) for im in images]
+
+    @torch.no_grad()
+    def _stage0(self, backbone, pixels, ta_other, task_other, tasks, device, scratch):
+        """Student stream: TA embedding stage; teacher stream: each task model's own (spec §1.3)."""
+        emb_names = [n for n in ta_other if n.startswith(("embeddings.", "pre_layrnorm."))]
+        counts = [len(p) for p in pixels]
+        stages = {
+            "embeddings": self.to_device(_copy_module(backbone.embeddings)),
+            "pre_layrnorm": self.to_device(_copy_module(backbone.pre_layrnorm)),
+        }
+        stage = _Stage(stages)
+        student_params = {n: self.to_device(ta_other[n]) for n in emb_names}
+        first = call_embedding_stage(stage, student_params, self.to_device(pixels[0][:1]))
+        cache = DualStreamCache(
+            sum(counts),
+            first.shape[1],
+            first.shape[2],
+            stack_task_ids(counts),
+            on_disk=self.activation_cache == "disk",
+            directory=scratch / "activations",
+        )
+        offset = 0
+        for i, task in enumerate(tasks):
+            teacher_params = {n: self.to_device(task_other[i][n]) for n in emb_names}
+            idx = torch.arange(offset, offset + counts[i])
+            for chunk in DualStreamCache.chunks(idx, self.batch_size):
+                x = self.to_device(pixels[i][chunk - offset])
+                cache.scatter("student", chunk, call_embedding_stage(stage, student_params, x))
+                cache.scatter("teacher", chunk, call_embedding_stage(stage, teacher_params, x))
+            offset += counts[i]
+        return cache
+
+    def _distill_block(
+        self,
+        index: int,
+        local_names: List[str],
+        layer: nn.Module,
+        readers: Dict[str, WeightReader],
+        tasks: List[str],
+        cache: DualStreamCache,
+        device,
+        generator: torch.Generator,
+    ) -> Dict:
+        """Train block ``index``'s coefficients, then propagate both streams (spec §1.4)."""
+        reset_cuda_peak(device)
+        t_block = time.perf_counter()
+        names = [block_prefix(index) + n for n in local_names]
+        template = self.to_device(_copy_module(layer)).eval()
+        for p in template.parameters():
+            p.requires_grad_(False)
+
+        # 1. weights of this block only: θ0, then for each task θ_i → τ_i and the teacher pass
+        with self.profile("load block + teacher pass"):
+            base = _local(self.to_device_all(readers[PRETRAINED].read(names)), index)
+            tau = {
+                n: torch.empty((len(tasks),) + tuple(p.shape), device=p.device)
+                for n, p in base.items()
+            }
+            with torch.no_grad():
+                for i, task in enumerate(tasks):
+                    theta = _local(self.to_device_all(readers[task].read(names)), index)
+                    for n in local_names:
+                        tau[n][i] = theta[n] - base[n]
+                    # teacher stream: own fine-tuned block, computed once (it does not depend on α);
+                    # the result is this block's target and the next block's teacher input.
+                    for chunk in cache.chunks(cache.indices_of_task(i), self.batch_size):
+                        out = call_block(template, theta, cache.gather("teacher", chunk, device))
+                        cache.scatter("teacher", chunk, out)
+                    del theta
+        t_loaded = time.perf_counter()
+
+        # 2. train the element-wise coefficients
+        coefficients = {
+            n: t.requires_grad_(True) for n, t in init_coefficients(tau, self.init_lambda).items()
+        }
+        optimizer = torch.optim.Adam(list(coefficients.values()), lr=self.lr)
+        steps_per_epoch = -(-len(cache) // self.batch_size)
+        epochs = 1 if self.is_debug_mode else self.epochs_per_block
+        step, epoch_losses = 0, []
+        with self.profile("train block"):
+            for epoch in range(epochs):
+                total = 0.0
+                for chunk in cache.shuffled_batches(self.batch_size, generator):
+                    z1 = cache.gather("student", chunk, device)
+                    target = cache.gather("teacher", chunk, device)
+                    merged = merge_elementwise(base, tau, coefficients)
+                    loss = block_loss(call_block(template, merged, z1), target, self.loss_reduction)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    value = float(loss.detach())
+                    self.loss_curves.add(index, step, epoch, value)
+                    total += value
+                    step += 1
+                    if self.is_debug_mode:  # fast_dev_run: one step per block
+                        break
+                epoch_losses.append(total / (1 if self.is_debug_mode else steps_per_epoch))
+        t_trained = time.perf_counter()
+
+        # 3. propagate the student stream through the trained merged block
+        with self.profile("propagate"), torch.no_grad():
+            merged = merge_elementwise(base, tau, coefficients)
+            for chunk in cache.chunks(torch.arange(len(cache)), self.batch_size):
+                cache.scatter(
+                    "student",
+                    chunk,
+                    call_block(template, merged, cache.gather("student", chunk, device)),
+                )
+            merged = {n: v.detach().cpu() for n, v in merged.items()}
+            coef_mean = [
+                float(
+                    sum(c[i].sum() for c in coefficients.values())
+                    / sum(c[i].numel() for c in coefficients.values())
+                )
+                for i in range(len(tasks))
+            ]
+        curve = self.loss_curves.of_block(index)
+        record = {
+            "block": index,
+            "steps": step,
+            "epochs": epochs,
+            "initial_loss": curve[0]["loss"],
+            "final_loss": epoch_losses[-1],
+            "mean_coefficient": dict(zip(tasks, coef_mean)),
+            "seconds": time.perf_counter() - t_block,
+            "seconds_load_and_teacher": t_loaded - t_block,
+            "seconds_train": t_trained - t_loaded,
+            "seconds_propagate": time.perf_counter() - t_trained,
+            "peak_rss_mb": peak_rss_mb(),
+            "rss_mb": current_rss_mb(),
+            "cuda_peak_mb": cuda_peak_mb(device),
+            "merged": merged,
+        }
+        # 4. free everything of this block before the next one
+        del coefficients, optimizer, tau, base, template
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        return record
+
+    def to_device_all(self, tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        return {n: self.to_device(t) for n, t in tensors.items()}
+
+    # ------------------------------------------------------------------------------------------
+    # outputs
+    # ------------------------------------------------------------------------------------------
+
+    def _write_outputs(self, tasks: List[str], setup_seconds: float, total_seconds: float) -> None:
+        """Timing/memory JSON and loss curves into ``log_dir`` (rank 0 only), plus a log summary."""
+        summary = {
+            "algorithm": "prodistill",
+            "tasks": tasks,
+            "few_shot_images": dict(self._data_info),
+            "options": {k: getattr(self, k) for k in self._config_mapping if not k.startswith("_")},
+            "setup_seconds": setup_seconds,
+            "total_seconds": total_seconds,
+            "peak_rss_mb": peak_rss_mb(),
+            "blocks": self.block_records,
+        }
+        self.report = _json_safe(summary)
+        log.info(
+            f"ProDistill: {len(self.block_records)} blocks in {total_seconds:.1f} s, "
+            f"peak RSS {summary['peak_rss_mb']:.0f} MiB"
+        )
+        if self.log_dir is None or not self.fabric.is_global_zero:
+            return
+        out = Path(self.log_dir)
+        write_json(out / "prodistill_report.json", self.report)
+        if self.save_loss_curves:
+            self.loss_curves.write_csv(out / "prodistill_loss_curves.csv")
+            for record in self.block_records:
+                b = record["block"]
+                self.loss_curves.plot_block(
+                    b, out / "prodistill_loss_curves" / f"block_{b:02d}.png"
+                )
+
+
+class _Stage(nn.Module):
+    """Holds copies of ``embeddings`` and ``pre_layrnorm`` under their backbone names."""
+
+    def __init__(self, modules: Dict[str, nn.Module]):
+        super().__init__()
+        for name, module in modules.items():
+            self.add_module(name, module)
+
+
+def _copy_module(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module)
+
+
+def _local(tensors: Dict[str, Tensor], index: int) -> Dict[str, Tensor]:
+    prefix = block_prefix(index)
+    return {n[len(prefix) :]: t for n, t in tensors.items()}
+
+
+def _json_safe(value):
+    import math
+
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Tensor):
+        return _json_safe(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(value):
+            return _json_safe(OmegaConf.to_container(value, resolve=True))
+    except Exception:  # noqa: BLE001
+        pass
+    return str(value)
