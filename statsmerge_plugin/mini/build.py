@@ -1,0 +1,220 @@
+"""The deterministic, cached, atomic builder of the mini benchmark.
+
+A build lives in ``<root>/<key>/`` where ``key`` (see ``recipe.build_key``) changes with the recipe,
+preset, seed, task subset, the builder's own source and the library versions, so that stale
+weights (and FusionBench's zero-shot-head cache keyed on the model path) are never reused::
+
+    <key>/data/<task>/{train,val,test}   datasets.save_to_disk, features image + label
+    <key>/pretrained/                    CLIPModel + CLIPProcessor
+    <key>/models/<task>/                 fine-tuned CLIPVisionModel
+    <key>/manifest.json                  written last: a build without it is not complete
+
+The build happens in ``<root>/.tmp-<key>-<pid>`` and is moved into place with ``os.replace``;
+an ``fcntl`` lock on ``<root>/.<key>.lock`` keeps concurrent processes from building the same key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Sequence, Union
+
+from .recipe import RECIPE_VERSION, Recipe, build_key, get_recipe, library_versions
+from .tasks import TASK_NAMES
+
+ENV_ROOT = "STATSMERGE_MINI_ROOT"
+MANIFEST = "manifest.json"
+
+
+def default_root() -> Path:
+    """``$STATSMERGE_MINI_ROOT`` or ``<user cache dir>/statsmerge-plugin/mini``."""
+    if os.environ.get(ENV_ROOT):
+        return Path(os.environ[ENV_ROOT]).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("statsmerge-plugin")) / "mini"
+
+
+def normalize_tasks(tasks: Union[None, str, Sequence[str]]) -> tuple:
+    """Task subset in TA8 order; accepts ``"a,b"`` strings and short names (``mnist``)."""
+    if tasks is None:
+        return TASK_NAMES
+    if isinstance(tasks, str):
+        tasks = [t for t in tasks.split(",") if t]
+    names = {t if t.startswith("mini_") else f"mini_{t}" for t in tasks}
+    unknown = names - set(TASK_NAMES)
+    if unknown:
+        raise KeyError(f"unknown mini tasks {sorted(unknown)}; known: {', '.join(TASK_NAMES)}")
+    return tuple(t for t in TASK_NAMES if t in names)
+
+
+def read_manifest(path: Path) -> Optional[dict]:
+    """The manifest of a complete build at ``path``, else ``None``."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if manifest.get("complete") else None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive ``fcntl`` lock (blocks until the holder releases it, e.g. another DDP rank)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _stage(timings: Dict[str, float], name: str, start: float) -> float:
+    now = time.perf_counter()
+    timings[name] = round(now - start, 2)
+    return now
+
+
+def build_into(out: Path, recipe: Recipe, seed: int, tasks: Sequence[str], pbar: bool = True) -> dict:
+    """Build everything except the manifest into ``out``; return the manifest's content."""
+    from tqdm.auto import tqdm
+
+    from . import data, train
+
+    timings: Dict[str, float] = {}
+    t0 = t = time.perf_counter()
+    train.seed_everything(seed)
+    splits: Dict[str, Dict[str, data.Split]] = {}
+    for task in tqdm(tasks, desc="data", disable=not pbar):
+        splits[task] = {
+            part: data.generate_split(task, part, n, seed) for part, n in data.sizes(recipe).items()
+        }
+        for part in data.SPLITS:
+            data.save_split(splits[task][part], task, out / "data" / task / part)
+    t = _stage(timings, "data", t)
+
+    processor = train.make_processor(out / "pretrained")
+    clip = train.make_clip(recipe, processor.tokenizer)
+    losses = train.pretrain(
+        clip, processor.tokenizer, {k: v["pretrain"] for k, v in splits.items()}, recipe, seed, pbar
+    )
+    clip.save_pretrained(out / "pretrained")
+    processor.save_pretrained(out / "pretrained")
+    shutil.rmtree(out / "pretrained" / "tokenizer")  # the processor saved its own copy
+    t = _stage(timings, "pretrain", t)
+
+    train_acc, val_acc = {}, {}
+    for i, task in enumerate(tqdm(tasks, desc="finetune", disable=not pbar)):
+        head = train.zero_shot_head(clip, processor, task)
+        vision = train.vision_tower(clip)
+        train.seed_everything(seed * 1000 + i)
+        train.finetune(vision, clip.visual_projection, head, splits[task]["train"], recipe, seed * 1000 + i)
+        train_acc[task] = round(train.accuracy(vision, clip.visual_projection, head, splits[task]["train"]), 4)
+        val_acc[task] = round(train.accuracy(vision, clip.visual_projection, head, splits[task]["val"]), 4)
+        vision.save_pretrained(out / "models" / task)
+    t = _stage(timings, "finetune", t)
+
+    manifest = {
+        "recipe_version": RECIPE_VERSION,
+        "recipe": recipe.to_dict(),
+        "seed": seed,
+        "tasks": list(tasks),
+        "libraries": library_versions(),
+        "torch_threads": __import__("torch").get_num_threads(),
+        "pretrain_loss": {"first": round(losses[0], 4), "last": round(losses[-1], 4)},
+        "finetune_train_accuracy": train_acc,
+        "finetune_val_accuracy": val_acc,
+    }
+    if recipe.evaluate:
+        from .evaluate import evaluate_build
+
+        manifest["test_accuracy"] = evaluate_build(out, tasks, merges=recipe.evaluate_merges)
+        t = _stage(timings, "evaluate", t)
+    timings["total"] = round(time.perf_counter() - t0, 2)
+    manifest["timings_seconds"] = timings
+    return manifest
+
+
+def _install(tmp: Path, target: Path) -> None:
+    """Atomically move a finished build into place (replacing an old one under ``force``)."""
+    if target.exists():
+        trash = target.with_name(f".trash-{target.name}-{os.getpid()}")
+        os.replace(target, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def build_mini_benchmark(
+    root: Union[None, str, Path] = None,
+    seed: int = 0,
+    tasks: Union[None, str, Sequence[str]] = None,
+    preset: str = "default",
+    force: bool = False,
+    recipe: Optional[Recipe] = None,
+    progress: bool = True,
+) -> dict:
+    """Build (or reuse) the mini benchmark; return its manifest, with ``"path"`` added.
+
+    Args:
+        root: cache directory holding builds (default: :func:`default_root`).
+        seed: seeds data, pretraining and fine-tuning.
+        tasks: subset of the eight task names (default: all, in TA8 order).
+        preset: ``"default"`` (the benchmark) or ``"smoke"`` (tiny, for tests).
+        force: rebuild even if a complete build exists.
+        recipe: a custom :class:`Recipe` (variants for experiments); overrides ``preset``'s.
+        progress: show tqdm progress bars.
+    """
+    recipe = recipe or get_recipe(preset)
+    tasks = normalize_tasks(tasks)
+    root = Path(root).expanduser() if root is not None else default_root()
+    key = build_key(recipe, preset, seed, tasks)
+    target = root / key
+    with file_lock(root / f".{key}.lock"):
+        manifest = None if force else read_manifest(target)
+        if manifest is None:
+            for stale in root.glob(f".tmp-{key}-*"):  # left by an interrupted build
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = root / f".tmp-{key}-{os.getpid()}"
+            try:
+                with torch_threads(recipe.num_threads):
+                    manifest = build_into(tmp, recipe, seed, tasks, pbar=progress)
+                manifest.update(preset=preset, key=key, complete=True)
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+                _install(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return dict(manifest, path=str(target))
+
+
+def ensure_built(
+    root: Union[None, str, Path] = None,
+    seed: int = 0,
+    tasks: Union[None, str, Sequence[str]] = None,
+    preset: str = "default",
+    progress: bool = True,
+) -> Path:
+    """Path of a complete build, building it first if needed (cheap when it exists)."""
+    recipe = get_recipe(preset)
+    tasks_ = normalize_tasks(tasks)
+    root_ = Path(root).expanduser() if root is not None else default_root()
+    target = root_ / build_key(recipe, preset, seed, tasks_)
+    if read_manifest(target) is None:
+        build_mini_benchmark(root_, seed, tasks_, preset, progress=progress)
+    return target
