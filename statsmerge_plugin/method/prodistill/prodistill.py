@@ -455,6 +455,9 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
                 )
                 for i in range(len(tasks))
             ]
+            coef_by_param = {
+                n: [float(c[i].mean()) for i in range(len(tasks))] for n, c in coefficients.items()
+            }
         curve = self.loss_curves.of_block(index)
         record = {
             "block": index,
@@ -463,6 +466,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
             "initial_loss": curve[0]["loss"],
             "final_loss": epoch_losses[-1],
             "mean_coefficient": dict(zip(tasks, coef_mean)),
+            "mean_coefficient_per_parameter": coef_by_param,
             "seconds": time.perf_counter() - t_block,
             "seconds_load_and_teacher": t_loaded - t_block,
             "seconds_train": t_trained - t_loaded,
