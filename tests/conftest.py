@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny random CLIP pool built once per session, and helpers to run the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_fusion_bench_cache(tmp_path_factory):
+    """FusionBench caches zero-shot heads under ``<cwd>/outputs/cache``; keep tests out of the repo."""
+    from fusion_bench.utils.cache_utils import set_default_cache_dir
+
+    set_default_cache_dir(str(tmp_path_factory.mktemp("fusion_bench_cache")))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """Tiny random CLIP: ``_pretrained_`` + ``mnist`` and ``eurosat`` models, train/val/test data."""
+    from tiny_clip import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), n_images=16)
+
+
+@pytest.fixture()
+def tiny_pool(tiny_clip):
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig
+    from tiny_clip import pool_config
+
+    return instantiate(DictConfig(pool_config(tiny_clip)), _recursive_=False)
+
+
+def write_tiny_configs(paths: dict, config_dir: Path, pool_overrides: dict | None = None) -> Path:
+    """Write ``modelpool/tiny.yaml`` and ``taskpool/tiny.yaml`` for ``fusion_bench --config-dir``."""
+    from tiny_clip import pool_config, taskpool_config
+
+    (config_dir / "modelpool").mkdir(parents=True, exist_ok=True)
+    (config_dir / "taskpool").mkdir(parents=True, exist_ok=True)
+    pool = pool_config(paths) | (pool_overrides or {})
+    (config_dir / "modelpool" / "tiny.yaml").write_text(yaml.safe_dump(pool))
+    (config_dir / "taskpool" / "tiny.yaml").write_text(yaml.safe_dump(taskpool_config(paths)))
+    return config_dir
+
+
+def run_fusion_bench(args, cwd: Path, log_dir: Path | None = None, timeout: int = 600, python=None):
+    """Run the ``fusion_bench`` CLI in a subprocess; returns the CompletedProcess (checked)."""
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [python or sys.executable, "-m", "fusion_bench", *args]
+    if log_dir is not None:
+        cmd.append(f"path.log_dir={log_dir}")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"fusion_bench failed ({proc.returncode}): {' '.join(cmd)}\n--- stdout ---\n"
+            f"{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

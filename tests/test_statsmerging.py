@@ -1,0 +1,253 @@
+"""StatsMerging on a tiny random CLIP pool, through FusionBench's real pool and Fabric (no mocks)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import read_json
+from hydra.utils import instantiate
+from lightning.fabric.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+from tiny_clip import pool_config
+
+from statsmerge_plugin.data import stack_images
+from statsmerge_plugin.method.statsmerging import StatsMergingForCLIP
+
+
+def make_pool(cfg: dict):
+    return instantiate(DictConfig(cfg), _recursive_=False)
+
+
+def with_log_dir(alg, log_dir: Path):
+    fabric = L.Fabric(accelerator="cpu", devices=1, loggers=TensorBoardLogger(str(log_dir), name="", version=""))
+    fabric.launch()
+    alg.fabric = fabric
+    return alg
+
+
+def fast(**kw):
+    opts = dict(max_steps=3, num_unlabelled_per_task=8, batch_size_per_task=4, hidden_dim=16)
+    return StatsMergingForCLIP(**(opts | kw))
+
+
+def test_run_writes_outputs_and_returns_the_merge_of_its_coefficients(tiny_clip, tiny_pool, tmp_path):
+    alg = with_log_dir(fast(), tmp_path)
+    merged = alg.run(tiny_pool)
+    out = tmp_path / "statsmerging"
+    for name in ["coefficients.pt", "coefficients.csv", "statistics.csv", "loss.csv", "loss.png",
+                 "coefficients_heatmap.png", "summary.json"]:
+        assert (out / name).is_file(), name
+    saved = torch.load(out / "coefficients.pt")
+    coef, names, tasks = saved["coefficients"], saved["tensor_names"], saved["tasks"]
+    assert tasks == ["mnist", "eurosat"] and coef.shape == (2, len(names))
+    torch.testing.assert_close(coef.sum(0), torch.ones(len(names)))
+    base = tiny_pool.load_pretrained_model()
+    fts = [tiny_pool.load_model(t) for t in tasks]
+    for l, name in enumerate(names):
+        b = base.get_parameter(name)
+        want = b + sum(coef[k, l] * (ft.get_parameter(name) - b) for k, ft in enumerate(fts))
+        torch.testing.assert_close(merged.get_parameter(name), want, atol=1e-6, rtol=1e-5)
+    rows = list(csv.reader(open(out / "coefficients.csv")))
+    assert rows[0] == ["task", *names] and [r[0] for r in rows[1:]] == tasks
+    stats_rows = list(csv.reader(open(out / "statistics.csv")))
+    assert stats_rows[0] == ["task", "tensor", "mean", "variance", "l2_norm", "sigma_1", "sigma_2", "sigma_3"]
+    assert len(stats_rows) == 1 + 2 * len(names)
+    summary = read_json(out / "summary.json")
+    assert summary["steps"] == 3 and summary["unlabelled_data"]["mnist"] == {"split": "val", "num_images": 8}
+
+
+def test_outputs_are_never_overwritten(tiny_pool, tmp_path):
+    with_log_dir(fast(max_steps=1), tmp_path).run(tiny_pool)
+    first = (tmp_path / "statsmerging" / "coefficients.csv").read_bytes()
+    with_log_dir(fast(max_steps=2, seed=1), tmp_path).run(tiny_pool)
+    assert (tmp_path / "statsmerging" / "coefficients.csv").read_bytes() == first
+    assert (tmp_path / "statsmerging_1" / "coefficients.csv").is_file()
+
+
+@pytest.mark.parametrize("granularity", ["layer_wise", "task_wise"])
+@pytest.mark.parametrize("learner", ["shared", "per_tensor", "free"])
+def test_every_variant_trains(tiny_pool, tmp_path, granularity, learner):
+    alg = with_log_dir(fast(granularity=granularity, learner=learner, lr=1e-2), tmp_path)
+    alg.run(tiny_pool)
+    coef = torch.load(tmp_path / "statsmerging" / "coefficients.pt")["coefficients"]
+    assert coef.shape[1] == (1 if granularity == "task_wise" else 39)
+    assert torch.isfinite(coef).all()
+    if learner == "free":  # starts uniform; training must move it
+        assert (coef - 0.5).abs().max() > 1e-3
+    losses = [float(r[1]) for r in list(csv.reader(open(tmp_path / "statsmerging" / "loss.csv")))[1:]]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+def test_algorithm_gradients_reach_the_learner_only(tiny_pool):
+    alg = fast()
+    alg.modelpool = tiny_pool
+    tasks = tiny_pool.model_names
+    alg.setup_zero_shot_classification_head(task_names=tasks)
+    base = tiny_pool.load_pretrained_model().requires_grad_(False)
+    base_state = {n: p.detach() for n, p in base.named_parameters()}
+    names = list(base_state)
+    from statsmerge_plugin.data import held_out_images
+
+    images = {t: stack_images(held_out_images(tiny_pool, t, alg.clip_processor, 8)) for t in tasks}
+    tvs, feats, teacher = alg.load_task_models(tasks, base_state, names, images)
+    learner = alg.build_learner(len(tasks), alg.learner_features(tvs, feats, names))
+    batches = {t: torch.arange(4) for t in tasks}
+    loss = alg.distillation_step(learner, alg.learner_features(tvs, feats, names), base, base_state, tvs,
+                                 names, images, teacher, batches)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.parameters())
+    assert all(p.grad is None for p in base.parameters())
+    assert all(p.grad is None for p in alg.visual_projection.parameters())
+    assert not any(t.requires_grad for t in [*tvs.values(), *teacher.values(), *alg.zeroshot_weights.values()])
+
+
+def test_teacher_labels_come_from_each_tasks_own_finetuned_model(tiny_pool):
+    alg = fast()
+    alg.modelpool = tiny_pool
+    tasks = tiny_pool.model_names
+    alg.setup_zero_shot_classification_head(task_names=tasks)
+    base = tiny_pool.load_pretrained_model().requires_grad_(False)
+    base_state = {n: p.detach() for n, p in base.named_parameters()}
+    from statsmerge_plugin.data import held_out_images
+
+    images = {t: stack_images(held_out_images(tiny_pool, t, alg.clip_processor, 8)) for t in tasks}
+    _, _, teacher = alg.load_task_models(tasks, base_state, list(base_state), images)
+    for t in tasks:
+        with torch.no_grad():
+            want = alg.compute_logits(tiny_pool.load_model(t), images[t], t)
+        torch.testing.assert_close(teacher[t], want)
+
+
+def relabelled_test_pool(tiny_clip, tmp_path, seed):
+    """The tiny pool with its test splits replaced by copies whose labels are random."""
+    cfg = pool_config(tiny_clip)
+    for task in cfg["test_datasets"]:
+        from datasets import load_from_disk
+
+        ds = load_from_disk(cfg["test_datasets"][task]["dataset_path"])
+        rng = np.random.default_rng(seed)
+        ds = ds.map(lambda ex: {"label": int(rng.integers(0, 10))})
+        path = tmp_path / f"test_{task}_{seed}"
+        ds.save_to_disk(str(path))
+        cfg["test_datasets"][task]["dataset_path"] = str(path)
+    return make_pool(cfg)
+
+
+def test_random_test_labels_leave_coefficients_bit_identical(tiny_clip, tmp_path):
+    coefs = []
+    for seed in (1, 2):
+        with_log_dir(fast(max_steps=4), tmp_path / str(seed)).run(relabelled_test_pool(tiny_clip, tmp_path, seed))
+        coefs.append(torch.load(tmp_path / str(seed) / "statsmerging" / "coefficients.pt")["coefficients"])
+    assert torch.equal(coefs[0], coefs[1])
+
+
+def test_test_split_is_never_read(tiny_clip):
+    cfg = pool_config(tiny_clip)
+    for task in cfg["test_datasets"]:
+        cfg["test_datasets"][task]["dataset_path"] = "/nonexistent/test/split/must/not/be/read"
+    fast(max_steps=1).run(make_pool(cfg))  # would raise FileNotFoundError if any test split were loaded
+
+
+def test_train_slice_is_used_when_the_pool_has_no_val_split(tiny_clip, tmp_path):
+    cfg = pool_config(tiny_clip, splits=("train", "test"))
+    with_log_dir(fast(max_steps=1), tmp_path).run(make_pool(cfg))
+    summary = read_json(tmp_path / "statsmerging" / "summary.json")
+    assert summary["unlabelled_data"]["eurosat"]["split"] == "train"
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input: one clear error naming the culprit, before any training
+
+
+def without(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("granularity", "block_wise"), ("learner", "mlp"), ("loss", "mse"), ("data_source", "test"),
+     ("feature_norm", "zscore"), ("svd_rank", -1), ("max_steps", 0), ("lr", -1.0), ("output_norm", "tanh")],
+)
+def test_invalid_options_name_the_option(option, value):
+    with pytest.raises(ValueError, match=f"`{option}`"):
+        StatsMergingForCLIP(**{option: value})
+
+
+def test_pool_without_pretrained_model(tiny_clip):
+    cfg = pool_config(tiny_clip)
+    cfg["models"] = without(cfg["models"], "_pretrained_")
+    with pytest.raises(ValueError, match="_pretrained_"):
+        fast().run(make_pool(cfg))
+
+
+def test_fewer_than_two_task_models(tiny_clip):
+    cfg = pool_config(tiny_clip)
+    cfg["models"] = without(cfg["models"], "eurosat")
+    with pytest.raises(ValueError, match=r"at least 2 task models.*\['mnist'\]"):
+        fast().run(make_pool(cfg))
+
+
+def test_task_without_unlabelled_data(tiny_clip):
+    cfg = pool_config(tiny_clip)
+    cfg["val_datasets"] = without(cfg["val_datasets"], "eurosat")
+    cfg["train_datasets"] = without(cfg["train_datasets"], "eurosat")
+    with pytest.raises(ValueError, match="'eurosat' has no unlabelled data"):
+        fast().run(make_pool(cfg))
+
+
+def test_val_split_configured_as_the_test_split_is_refused(tiny_clip):
+    cfg = pool_config(tiny_clip)
+    cfg["val_datasets"]["mnist"] = dict(cfg["test_datasets"]["mnist"])
+    with pytest.raises(ValueError, match="'mnist'.*configured exactly like its test dataset"):
+        fast().run(make_pool(cfg))
+
+
+def test_fewer_unlabelled_images_than_asked(tiny_pool):
+    with pytest.raises(ValueError, match="'mnist': asked for 1000 unlabelled images"):
+        fast(num_unlabelled_per_task=1000).run(tiny_pool)
+
+
+def test_task_without_class_names(tiny_clip):
+    cfg = pool_config(tiny_clip)
+    cfg["models"]["no_such_task_xyz"] = cfg["models"].pop("eurosat")
+    with pytest.raises(ValueError, match="'no_such_task_xyz' has no class names"):
+        fast().run(make_pool(cfg))
+
+
+def test_mismatched_shapes_name_model_and_parameter(tiny_clip, tmp_path):
+    from tiny_clip import build_tiny_clip
+
+    wide = build_tiny_clip(tmp_path / "wide", tasks=("mnist",), n_images=4, hidden=48)
+    cfg = pool_config(tiny_clip)
+    cfg["models"]["eurosat"] = str(wide["models"]["mnist"])
+    with pytest.raises(ValueError, match="model 'eurosat': parameter 'vision_model.*' has shape"):
+        fast().run(make_pool(cfg))
+
+
+def test_mismatched_parameter_names(tiny_clip, tmp_path):
+    from tiny_clip import build_tiny_clip
+
+    deep = build_tiny_clip(tmp_path / "deep", tasks=("mnist",), n_images=4, num_layers=3)
+    cfg = pool_config(tiny_clip)
+    cfg["models"]["eurosat"] = str(deep["models"]["mnist"])
+    with pytest.raises(ValueError, match="model 'eurosat' does not have the parameters.*layers.2"):
+        fast().run(make_pool(cfg))
+
+
+def test_nan_weights_name_model_and_parameter(tiny_clip, tmp_path):
+    from transformers import CLIPVisionModel
+
+    broken = CLIPVisionModel.from_pretrained(tiny_clip["models"]["eurosat"])
+    with torch.no_grad():
+        broken.vision_model.post_layernorm.weight[0] = float("nan")
+    broken.save_pretrained(tmp_path / "nan_model")
+    cfg = pool_config(tiny_clip)
+    cfg["models"]["eurosat"] = str(tmp_path / "nan_model")
+    with pytest.raises(ValueError, match="model 'eurosat': parameter 'vision_model.post_layernorm.weight'.*NaN"):
+        fast().run(make_pool(cfg))
