@@ -308,7 +308,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
                         p.copy_(value.to(p.device, p.dtype))
                 self.block_records.append(record)
                 log.info(
-                    f"block {index}: loss {record['initial_loss']:.4g} -> {record['final_loss']:.4g}, "
+                    f"block {index}: loss {record['loss_before']:.4g} -> {record['loss_after']:.4g}, "
                     f"{record['seconds']:.1f} s, peak RSS {record['peak_rss_mb']:.0f} MiB"
                     + (
                         f", CUDA peak {record['cuda_peak_mb']:.0f} MiB"
@@ -415,6 +415,8 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
             n: t.requires_grad_(True) for n, t in init_coefficients(tau, self.init_lambda).items()
         }
         optimizer = torch.optim.Adam(list(coefficients.values()), lr=self.lr)
+        with torch.no_grad():  # whole-set loss at the initial (task-arithmetic) coefficients
+            loss_before = self._set_loss(template, base, tau, coefficients, cache, device)
         steps_per_epoch = -(-len(cache) // self.batch_size)
         epochs = 1 if self.is_debug_mode else self.epochs_per_block
         step, epoch_losses = 0, []
@@ -441,12 +443,12 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
         # 3. propagate the student stream through the trained merged block
         with self.profile("propagate"), torch.no_grad():
             merged = merge_elementwise(base, tau, coefficients)
+            sq_error = 0.0
             for chunk in cache.chunks(torch.arange(len(cache)), self.batch_size):
-                cache.scatter(
-                    "student",
-                    chunk,
-                    call_block(template, merged, cache.gather("student", chunk, device)),
-                )
+                out = call_block(template, merged, cache.gather("student", chunk, device))
+                sq_error += float(block_loss(out, cache.gather("teacher", chunk, device), "sum"))
+                cache.scatter("student", chunk, out)
+            loss_after = sq_error / len(cache)
             merged = {n: v.detach().cpu() for n, v in merged.items()}
             coef_mean = [
                 float(
@@ -463,8 +465,10 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
             "block": index,
             "steps": step,
             "epochs": epochs,
-            "initial_loss": curve[0]["loss"],
-            "final_loss": epoch_losses[-1],
+            "loss_before": loss_before,
+            "loss_after": loss_after,
+            "first_step_loss": curve[0]["loss"],
+            "last_epoch_loss": epoch_losses[-1],
             "mean_coefficient": dict(zip(tasks, coef_mean)),
             "mean_coefficient_per_parameter": coef_by_param,
             "seconds": time.perf_counter() - t_block,
@@ -482,6 +486,16 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
         return record
+
+    def _set_loss(self, template, base, tau, coefficients, cache, device) -> float:
+        """Squared feature error per sample (summed over tokens and hidden units), averaged over
+        the whole few-shot set."""
+        merged = merge_elementwise(base, tau, coefficients)
+        total = 0.0
+        for chunk in cache.chunks(torch.arange(len(cache)), self.batch_size):
+            out = call_block(template, merged, cache.gather("student", chunk, device))
+            total += float(block_loss(out, cache.gather("teacher", chunk, device), "sum"))
+        return total / len(cache)
 
     def to_device_all(self, tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
         return {n: self.to_device(t) for n, t in tensors.items()}
