@@ -13,6 +13,10 @@ module stays import-light (hydra only).
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
+from statsmerge_plugin.mini.resolver import register_resolver as _register_mini_clip
+
+_register_mini_clip()  # ${mini_clip:} in the mini-clip_TA8 configs (omegaconf only, no torch)
+
 
 class StatsMergePluginSearchPathPlugin(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:

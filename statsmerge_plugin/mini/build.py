@@ -94,9 +94,12 @@ def _stage(timings: Dict[str, float], name: str, start: float) -> float:
 
 def build_into(out: Path, recipe: Recipe, seed: int, tasks: Sequence[str], pbar: bool = True) -> dict:
     """Build everything except the manifest into ``out``; return the manifest's content."""
+    import datasets
     from tqdm.auto import tqdm
 
     from . import data, train
+
+    datasets.disable_progress_bars()
 
     timings: Dict[str, float] = {}
     t0 = t = time.perf_counter()

@@ -184,7 +184,7 @@ def pretrain(model, tokenizer, pools: Dict[str, Split], recipe: Recipe, seed: in
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses
 
@@ -230,7 +230,7 @@ def finetune(vision_model, projection, head, split: Split, recipe: Recipe, seed:
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     vision_model.eval()
     return losses
 

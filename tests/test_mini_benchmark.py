@@ -1,0 +1,270 @@
+"""Tests of the embedded offline mini-TA8 benchmark (``statsmerge_plugin.mini``).
+
+Everything runs the real code paths (builder, FusionBench pools, the ``fusion_bench`` CLI) on the
+``smoke`` preset in temporary directories. Accuracies of smoke builds are near chance: the tests
+assert structure and behaviour, never accuracy levels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from statsmerge_plugin.mini import build as mini_build
+from statsmerge_plugin.mini import tokenizer as mini_tok
+from statsmerge_plugin.mini.build import build_mini_benchmark, ensure_built, read_manifest
+from statsmerge_plugin.mini.data import load_split
+from statsmerge_plugin.mini.recipe import build_key, get_recipe
+from statsmerge_plugin.mini.tasks import TASK_NAMES, caption_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+PAIR = ("mini_mnist", "mini_dtd")
+
+
+def weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def smoke_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mini_root")
+
+
+@pytest.fixture(scope="module")
+def smoke_build(smoke_root) -> dict:
+    """The full eight-task smoke build, shared by the pool / task pool / CLI tests."""
+    return build_mini_benchmark(root=smoke_root, preset="smoke", progress=False)
+
+
+# ------------------------------------------------------------------------------------------
+# builder
+
+
+def test_manifest_describes_a_complete_build(smoke_build):
+    path = Path(smoke_build["path"])
+    assert smoke_build["complete"] and smoke_build["preset"] == "smoke"
+    assert tuple(smoke_build["tasks"]) == TASK_NAMES
+    assert smoke_build["key"] == path.name
+    assert (path / "pretrained" / "config.json").exists()
+    for task in TASK_NAMES:
+        assert (path / "models" / task / "model.safetensors").exists()
+        for split in ("train", "val", "test"):
+            assert (path / "data" / task / split / "dataset_info.json").exists()
+    acc = smoke_build["test_accuracy"]
+    assert set(acc) == {"pretrained", "individual", "simple_average", "task_arithmetic_0.3"}
+    for row in acc.values():
+        assert set(row) == set(TASK_NAMES) | {"average"}
+        assert all(0.0 <= v <= 1.0 for v in row.values())
+    assert smoke_build["timings_seconds"]["total"] > 0
+    assert not list(path.parent.glob(".tmp-*"))
+
+
+def test_saved_splits_have_image_and_classlabel_features(smoke_build):
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(Path(smoke_build["path"]) / "data" / "mini_gtsrb" / "test"))
+    assert set(ds.features) == {"image", "label"}
+    assert ds.features["label"].num_classes == 10
+    recipe = get_recipe("smoke")
+    assert len(ds) == 10 * recipe.n_test
+    assert ds[0]["image"].size == (32, 32)
+    assert sorted(set(ds["label"])) == list(range(10))
+
+
+def test_build_is_deterministic_and_reused(tmp_path):
+    a = build_mini_benchmark(root=tmp_path / "a", preset="smoke", tasks=PAIR, progress=False)
+    b = build_mini_benchmark(root=tmp_path / "b", preset="smoke", tasks=PAIR, progress=False)
+    pa, pb = Path(a["path"]), Path(b["path"])
+    assert pa.name == pb.name
+    for sub in ["pretrained"] + [f"models/{t}" for t in PAIR]:
+        wa, wb = weights(pa / sub), weights(pb / sub)
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for task in PAIR:
+        sa, sb = load_split(pa / "data" / task / "train"), load_split(pb / "data" / task / "train")
+        assert np.array_equal(sa.images, sb.images) and np.array_equal(sa.labels, sb.labels)
+    assert a["test_accuracy"] == b["test_accuracy"]
+
+    stamp = (pa / "manifest.json").stat().st_mtime_ns
+    again = build_mini_benchmark(root=tmp_path / "a", preset="smoke", tasks=PAIR, progress=False)
+    assert again["path"] == a["path"]
+    assert (pa / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+    forced = build_mini_benchmark(
+        root=tmp_path / "a", preset="smoke", tasks=PAIR, force=True, progress=False
+    )
+    assert (pa / "manifest.json").stat().st_mtime_ns != stamp
+    assert forced["test_accuracy"] == a["test_accuracy"]
+
+
+def test_changed_seed_or_recipe_builds_elsewhere(tmp_path):
+    base = build_mini_benchmark(root=tmp_path, preset="smoke", tasks=PAIR, progress=False)
+    other = build_mini_benchmark(root=tmp_path, preset="smoke", tasks=PAIR, seed=1, progress=False)
+    assert other["path"] != base["path"] and other["seed"] == 1
+    w0 = weights(Path(base["path"]) / "models" / "mini_mnist")
+    w1 = weights(Path(other["path"]) / "models" / "mini_mnist")
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+    recipe = get_recipe("smoke")
+    assert build_key(recipe.replace(ft_lr=recipe.ft_lr / 2), "smoke", 0, PAIR) != Path(base["path"]).name
+    assert build_key(recipe, "smoke", 0, PAIR[:1]) != Path(base["path"]).name
+
+
+def test_interrupted_build_is_not_taken_as_complete(tmp_path):
+    code = (
+        "from statsmerge_plugin.mini.build import build_mini_benchmark as b;"
+        f"b(root={str(tmp_path)!r}, preset='smoke', tasks={list(PAIR)!r}, progress=False)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not list(tmp_path.glob(".tmp-*/pretrained")):  # killed in the middle of the build
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    key = build_key(get_recipe("smoke"), "smoke", 0, PAIR)
+    assert list(tmp_path.glob(".tmp-*")), "the half-written build stays in its temp dir"
+    assert not (tmp_path / key).exists()
+    assert read_manifest(tmp_path / key) is None
+
+    path = ensure_built(root=tmp_path, preset="smoke", tasks=PAIR, progress=False)
+    assert path == tmp_path / key and read_manifest(path)["complete"]
+    assert not list(tmp_path.glob(".tmp-*")), "stale temp dirs are cleaned up"
+
+
+def test_incomplete_target_without_manifest_is_rebuilt(tmp_path):
+    key = build_key(get_recipe("smoke"), "smoke", 0, PAIR[:1])
+    (tmp_path / key / "models").mkdir(parents=True)  # e.g. copied by hand, no manifest
+    path = ensure_built(root=tmp_path, preset="smoke", tasks=PAIR[:1], progress=False)
+    assert read_manifest(path) is not None
+    assert (path / "models" / PAIR[0] / "model.safetensors").exists()
+
+
+def test_cli_builds_and_prints_path(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "statsmerge_plugin.mini", "build", "--root", str(tmp_path),
+         "--preset", "smoke", "--tasks", "mnist", "--quiet"],
+        capture_output=True, text=True, check=True,
+    )
+    path = Path(out.stdout.strip().splitlines()[-1])
+    assert path.parent == tmp_path and read_manifest(path)["tasks"] == ["mini_mnist"]
+
+
+# ------------------------------------------------------------------------------------------
+# tokenizer and registry
+
+
+def test_pruned_tokenizer_matches_full_clip_bpe(tmp_path):
+    merges = mini_tok.load_merges()
+    assert len(merges) == mini_tok.NUM_MERGES
+    full = mini_tok.load_tokenizer(mini_tok.write_tokenizer_files(tmp_path / "full", merges))
+    assert len(full) == 49408
+    pruned = mini_tok.load_tokenizer(mini_tok.copy_assets(tmp_path / "pruned"))
+    assert len(pruned) < 2000
+    for text in caption_corpus():
+        tokens = full.tokenize(text)
+        assert pruned.tokenize(text) == tokens
+        ids = pruned(text)["input_ids"]
+        decoded = pruned.decode(ids, skip_special_tokens=True)  # CLIP decodes "</w>" as a space
+        assert decoded.replace(" ", "") == text.lower().replace(" ", "")
+    # committed assets are exactly what the pruning produces from the current corpus
+    regenerated = mini_tok.write_assets(caption_corpus(), tmp_path / "work", tmp_path / "assets")
+    for name in ("vocab.json", "merges.txt"):
+        assert (regenerated / name).read_text() == (mini_tok.ASSETS / name).read_text()
+    # unseen text never becomes <|endoftext|> / unknown
+    ids = pruned("zebra crossing Überweg 42")["input_ids"][1:-1]
+    assert pruned.eos_token_id not in ids and len(ids) > 4
+
+
+def test_registry_workaround_resolves_through_fusion_bench():
+    from fusion_bench.tasks.clip_classification import (
+        CLIPTemplateFactory,
+        get_classnames_and_templates,
+        get_num_classes,
+    )
+
+    from statsmerge_plugin.mini.registry import register_tasks
+    from statsmerge_plugin.mini.tasks import get_task
+
+    CLIPTemplateFactory._dataset_mapping.pop("mini_eurosat", None)
+    with pytest.raises(ValueError):
+        get_classnames_and_templates("mini_eurosat")
+    register_tasks(["mini_eurosat"])
+    classnames, templates = get_classnames_and_templates("mini_eurosat")
+    spec = get_task("mini_eurosat")
+    assert list(classnames) == list(spec.classnames) and get_num_classes("mini_eurosat") == 10
+    assert [t("forest") for t in templates] == [p.format("forest") for p in spec.template_patterns]
+
+
+# ------------------------------------------------------------------------------------------
+# FusionBench pools and the CLI
+
+
+def test_modelpool_yaml_and_taskpool_evaluate(smoke_root, smoke_build, monkeypatch):
+    from hydra.utils import instantiate
+
+    from statsmerge_plugin.mini.evaluate import taskpool
+    from statsmerge_plugin.mini.resolver import register_resolver
+
+    monkeypatch.setenv("STATSMERGE_MINI_ROOT", str(smoke_root))
+    monkeypatch.setenv("STATSMERGE_MINI_PRESET", "smoke")
+    register_resolver()
+    cfg = OmegaConf.load(REPO / "config/modelpool/CLIPVisionModelPool/mini-clip_TA8.yaml")
+    assert cfg.models.mini_mnist == f"{smoke_build['path']}/models/mini_mnist"
+    pool = instantiate(cfg)
+    assert type(pool).__name__ == "CLIPVisionModelPool"
+    assert list(pool.model_names) == list(TASK_NAMES)
+    assert set(pool.val_dataset_names) == set(TASK_NAMES)
+    model = pool.load_model("mini_mnist")
+    ref = weights(Path(smoke_build["path"]) / "models" / "mini_mnist")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.items())
+    assert len(pool.load_test_dataset("mini_dtd")) == 10 * get_recipe("smoke").n_test
+
+    report = taskpool(smoke_build["path"], ["mini_mnist", "mini_dtd"]).evaluate(model)
+    assert set(report) >= {"mini_mnist", "mini_dtd", "average", "model_info"}
+    assert report["mini_mnist"]["accuracy"] == pytest.approx(
+        smoke_build["test_accuracy"]["individual"]["mini_mnist"], abs=1e-4
+    )
+
+
+def test_fusion_bench_cli_simple_average_on_mini_pool(tmp_path, smoke_root, smoke_build):
+    env = dict(
+        os.environ,
+        STATSMERGE_MINI_ROOT=str(smoke_root),
+        STATSMERGE_MINI_PRESET="smoke",
+        HF_HUB_OFFLINE="1",
+    )
+    cmd = [
+        "fusion_bench",
+        "method=simple_average",
+        "modelpool=CLIPVisionModelPool/mini-clip_TA8",
+        "taskpool=CLIPVisionModelTaskPool/mini-clip_TA8",
+        "fabric.accelerator=cpu",
+        "print_config=false",
+    ]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    reports = list(tmp_path.glob("outputs/**/program_report.json"))
+    assert reports, out.stdout[-2000:]
+    report = json.loads(reports[0].read_text())
+    assert set(TASK_NAMES) <= set(report)
+    assert report["mini_svhn"]["accuracy"] == pytest.approx(
+        smoke_build["test_accuracy"]["simple_average"]["mini_svhn"], abs=1e-4
+    )
+    assert len(list(smoke_root.iterdir())) == len(list(smoke_root.iterdir()))  # nothing rebuilt
+    assert [p.name for p in smoke_root.iterdir() if not p.name.startswith(".")] == [
+        Path(smoke_build["path"]).name
+    ]
