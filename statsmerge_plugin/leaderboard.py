@@ -1,0 +1,416 @@
+"""`statsmerge-leaderboard`: FusionBench's methods and ours, side by side on one model pool.
+
+Every method runs as its own ``fusion_bench`` process on the same model pool and task pool, so that each
+gets FusionBench's exact evaluation and its own wall time and peak memory (``ru_maxrss`` of that process,
+from ``os.wait4``). A method that fails is reported as failed; the others still run. The result is a
+markdown table (per task, average, normalized accuracy = merged / individual, per task then averaged),
+a JSON file and a bar chart PNG, written side by side.
+
+Example::
+
+    statsmerge-leaderboard --methods pretrained,individual,simple_average,task_arithmetic,ties,\\
+        adamerging_lw,statsmerging_lw --seeds 0 --out docs/leaderboard
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+# name -> (label, fusion_bench overrides, note). Our methods take `method.seed`; all take `seed`.
+METHODS: Dict[str, tuple] = {
+    "pretrained": ("Pretrained (zero-shot)", ["method=dummy"], ""),
+    "individual": ("Individual (fine-tuned)", ["method=dummy"], "each task's own model on its own task"),
+    "simple_average": ("Simple Averaging", ["method=simple_average"], ""),
+    "task_arithmetic": (
+        "Task Arithmetic (λ=0.3)",
+        ["method=task_arithmetic", "method.scaling_factor=0.3"],
+        "",
+    ),
+    "ties": (
+        "TIES-Merging (λ=0.3, k=20)",
+        ["method=ties_merging", "method.scaling_factor=0.3", "method.threshold=20"],
+        "",
+    ),
+    "fisher": (
+        "Fisher Merging",
+        ["method=fisher_merging/clip_fisher_merging", "method.num_workers=0"],
+        "Fisher information on train images",
+    ),
+    "regmean": (
+        "RegMean",
+        ["method=regmean/clip_regmean", "method.num_workers=0"],
+        "Gram matrices on train images",
+    ),
+    "adamerging_lw": (
+        "Layer-wise AdaMerging",
+        [
+            "method=adamerging/clip",
+            "method.name=clip_layer_wise_adamerging",
+            "method.num_workers=0",
+            "method.save_merging_weights=false",
+        ],
+        "FusionBench's test-time adaptation: entropy on unlabelled *test* images",
+    ),
+    "statsmerging_tw": (
+        "StatsMerging task-wise (ours)",
+        ["method=statsmerging/clip_task_wise"],
+        "label-free, val images",
+    ),
+    "statsmerging_lw": (
+        "StatsMerging layer-wise (ours)",
+        ["method=statsmerging/clip_layer_wise"],
+        "label-free, val images",
+    ),
+    "statsmerging_free": (
+        "Free coefficients, same loss (control)",
+        ["method=statsmerging/clip_layer_wise", "method.learner=free"],
+        "label-free, val images",
+    ),
+    "prodistill": ("ProDistill (ours)", ["method=prodistill/clip"], "64 unlabelled val images per task"),
+}
+OUR_METHODS = {"statsmerging_tw", "statsmerging_lw", "statsmerging_free", "prodistill"}
+DEFAULT_METHODS = [
+    "pretrained",
+    "individual",
+    "simple_average",
+    "task_arithmetic",
+    "ties",
+    "regmean",
+    "adamerging_lw",
+    "statsmerging_tw",
+    "statsmerging_lw",
+    "statsmerging_free",
+    "prodistill",
+]
+
+
+@dataclass
+class RunResult:
+    """One ``fusion_bench`` process: accuracies per task, wall time, peak memory, or the failure."""
+
+    method: str
+    seed: int
+    status: str = "ok"
+    accuracy: Dict[str, float] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    error: str = ""
+    log_dir: str = ""
+
+
+def fusion_bench_command(python: str, overrides: Sequence[str], config_dir: Optional[str]) -> List[str]:
+    cmd = [python, "-m", "fusion_bench"]
+    if config_dir:
+        cmd += ["--config-dir", str(config_dir)]
+    return cmd + list(overrides)
+
+
+def run_process(cmd: List[str], cwd: Path, log_file: Path, timeout: float) -> tuple:
+    """Run ``cmd``; return (returncode, wall seconds, peak RSS MB of that process)."""
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    start = time.time()
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = start + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.time() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                return -9, time.time() - start, usage.ru_maxrss / 1024
+            time.sleep(0.2)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.time() - start, usage.ru_maxrss / 1024
+
+
+def last_error_line(log_file: Path) -> str:
+    lines = [l.strip() for l in log_file.read_text(errors="replace").splitlines() if l.strip()]
+    errors = [l for l in lines if "Error" in l or "Exception" in l]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+def task_accuracies(report: dict) -> Dict[str, float]:
+    return {k: float(v["accuracy"]) for k, v in report.items() if isinstance(v, dict) and "accuracy" in v and k != "average"}
+
+
+class Leaderboard:
+    """Runs the methods and writes ``<out>.md``, ``<out>.json`` and ``<out>.png``."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out)
+        self.runs_dir = Path(args.runs_dir or self.out.parent / f"{self.out.name}_runs")
+        self.common = [
+            f"modelpool={args.modelpool}",
+            f"taskpool={args.taskpool}",
+            "print_config=false",
+            *args.override,
+        ]
+        self.method_overrides: Dict[str, List[str]] = {}
+        for item in args.method_override:
+            name, _, override = item.partition(":")
+            self.method_overrides.setdefault(name, []).append(override)
+
+    def tasks(self) -> List[str]:
+        """Task names of the task pool, from Hydra's composed config (no model is loaded)."""
+        cmd = fusion_bench_command(self.args.python, [*self.common, "--cfg", "job", "-p", "taskpool"], self.args.config_dir)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=self.args.cwd, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+        if proc.returncode != 0:
+            raise SystemExit(f"cannot compose the task pool {self.args.taskpool!r}:\n{proc.stderr[-2000:]}")
+        from omegaconf import OmegaConf
+
+        return list(OmegaConf.create(proc.stdout).test_datasets.keys())
+
+    def run_one(self, method: str, seed: int, overrides: List[str], tag: str) -> RunResult:
+        log_dir = (self.runs_dir / tag).resolve()
+        if log_dir.exists():
+            i = 1
+            while (self.runs_dir / f"{tag}_{i}").exists():
+                i += 1
+            log_dir = (self.runs_dir / f"{tag}_{i}").resolve()
+        log_dir.mkdir(parents=True)
+        cmd = fusion_bench_command(
+            self.args.python, [*self.common, *overrides, f"seed={seed}", f"path.log_dir={log_dir}"], self.args.config_dir
+        )
+        (log_dir / "command.txt").write_text(shlex.join(cmd) + "\n")
+        code, wall, rss = run_process(cmd, Path(self.args.cwd), log_dir / "stdout.log", self.args.timeout)
+        result = RunResult(method, seed, wall_time_s=round(wall, 1), peak_rss_mb=round(rss, 1), log_dir=str(log_dir))
+        report_file = log_dir / "program_report.json"
+        if code != 0 or not report_file.exists():
+            result.status = "failed" if code != -9 else "timeout"
+            result.error = last_error_line(log_dir / "stdout.log")
+        else:
+            result.accuracy = task_accuracies(json.loads(report_file.read_text()))
+        return result
+
+    def run_method(self, method: str, seed: int, tasks: List[str]) -> RunResult:
+        _, overrides, _ = METHODS[method]
+        overrides = list(overrides) + self.method_overrides.get(method, [])
+        if method in OUR_METHODS:
+            overrides.append(f"method.seed={seed}")
+        if method != "individual":
+            return self.run_one(method, seed, overrides, f"{method}_seed{seed}")
+        total = RunResult(method, seed)
+        for task in tasks:  # each fine-tuned model, evaluated on its own task only
+            others = [f"~taskpool.test_datasets.{t}" for t in tasks if t != task]
+            one = self.run_one(
+                method, seed, overrides + [f"modelpool.models._pretrained_=${{modelpool.models.{task}}}", *others],
+                f"individual_{task}_seed{seed}",
+            )
+            total.wall_time_s += one.wall_time_s
+            total.peak_rss_mb = max(total.peak_rss_mb, one.peak_rss_mb)
+            if one.status != "ok":
+                return one
+            total.accuracy[task] = one.accuracy[task]
+        return total
+
+    def run(self) -> dict:
+        tasks = self.tasks()
+        results: List[RunResult] = []
+        for method in self.args.methods:
+            for seed in self.args.seeds:
+                print(f"[leaderboard] {method} (seed {seed}) ...", flush=True)
+                r = self.run_method(method, seed, tasks)
+                msg = f"avg {100 * statistics.mean(r.accuracy.values()):.1f}" if r.status == "ok" else r.error
+                print(f"[leaderboard] {method} (seed {seed}): {r.status}, {r.wall_time_s:.0f} s, {r.peak_rss_mb:.0f} MB, {msg}", flush=True)
+                results.append(r)
+        return summarize(results, tasks, self.args.methods)
+
+
+def summarize(results: List[RunResult], tasks: List[str], methods: Sequence[str]) -> dict:
+    """Mean (and std over seeds) per method; normalized accuracy against the individual models."""
+    rows = {}
+    for method in methods:
+        runs = [r for r in results if r.method == method]
+        ok = [r for r in runs if r.status == "ok" and all(t in r.accuracy for t in tasks)]
+        row = {
+            "label": METHODS[method][0],
+            "note": METHODS[method][2],
+            "seeds": [r.seed for r in runs],
+            "status": "ok" if ok and len(ok) == len(runs) else (runs[0].status if not ok else "partial"),
+            "errors": [r.error for r in runs if r.error],
+            "wall_time_s": statistics.mean(r.wall_time_s for r in runs) if runs else None,
+            "peak_rss_mb": max((r.peak_rss_mb for r in runs), default=None),
+        }
+        if ok:
+            row["accuracy"] = {t: statistics.mean(r.accuracy[t] for r in ok) for t in tasks}
+            averages = [statistics.mean(r.accuracy[t] for t in tasks) for r in ok]
+            row["average"] = statistics.mean(averages)
+            row["average_std"] = statistics.stdev(averages) if len(averages) > 1 else 0.0
+        rows[method] = row
+    individual = rows.get("individual", {}).get("accuracy")
+    if individual:
+        for row in rows.values():
+            if "accuracy" in row:
+                row["normalized"] = statistics.mean(
+                    row["accuracy"][t] / individual[t] if individual[t] > 0 else float("nan") for t in tasks
+                )
+    return {"tasks": tasks, "methods": rows, "runs": [asdict(r) for r in results], "shape": shape_figures(rows)}
+
+
+def shape_figures(rows: dict) -> dict:
+    """The mini benchmark's shape checks (issue #3): gaps and the real benchmark's ranking."""
+    avg = {m: r["average"] for m, r in rows.items() if "average" in r}
+    acc = {m: r["accuracy"] for m, r in rows.items() if "accuracy" in r}
+    figures: dict = {}
+    if "individual" in avg:
+        figures["individual_average"] = avg["individual"]
+        figures["individual_min"] = min(acc["individual"].values())
+    if "pretrained" in avg:
+        figures["pretrained_average"] = avg["pretrained"]
+        if "individual" in acc:
+            figures["pretrained_below_every_individual"] = all(
+                acc["pretrained"][t] < acc["individual"][t] for t in acc["individual"]
+            )
+    for m in ("simple_average", "task_arithmetic"):
+        if m in avg and "individual" in avg:
+            figures[f"{m}_gap_points"] = 100 * (avg["individual"] - avg[m])
+    chain = ["pretrained", "simple_average", "task_arithmetic", "ties", "adamerging_lw", "individual"]
+    strict = {("pretrained", "simple_average"), ("ties", "adamerging_lw"), ("adamerging_lw", "individual")}
+    ranks = []
+    for a, b in zip(chain, chain[1:]):
+        if a in avg and b in avg:
+            holds = avg[a] < avg[b] if (a, b) in strict else avg[a] <= avg[b]
+            ranks.append({"pair": f"{a} {'<' if (a, b) in strict else '≤'} {b}", "holds": holds,
+                          "values": [round(100 * avg[a], 1), round(100 * avg[b], 1)]})
+    figures["ranking"] = ranks
+    return figures
+
+
+def pct(x: Optional[float]) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def markdown(summary: dict, command: str, header: str = "") -> str:
+    tasks = summary["tasks"]
+    short = [t.removeprefix("mini_") for t in tasks]
+    lines = [header] if header else []
+    lines += ["| Method | " + " | ".join(short) + " | Avg | Norm. | Time (s) | Peak RSS (MB) | Notes |",
+              "|---" * (len(tasks) + 6) + "|"]
+    for method, row in summary["methods"].items():
+        if "accuracy" in row:
+            cells = [pct(row["accuracy"][t]) for t in tasks]
+            avg = pct(row["average"]) + (f" ± {100 * row['average_std']:.1f}" if row.get("average_std") else "")
+            norm = pct(row.get("normalized"))
+        else:
+            cells, avg, norm = ["–"] * len(tasks), f"**{row['status']}**", "–"
+        note = row["note"] if row["status"] == "ok" else "; ".join(row["errors"])[:200]
+        time_s = "–" if row["wall_time_s"] is None else f"{row['wall_time_s']:.0f}"
+        rss = "–" if row["peak_rss_mb"] is None else f"{row['peak_rss_mb']:.0f}"
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {avg} | {norm} | {time_s} | {rss} | {note} |")
+    lines += ["", f"Command: `{command}`", ""]
+    return "\n".join(lines)
+
+
+def shape_markdown(shape: dict) -> str:
+    out = ["Shape figures (accuracy %, this run):", ""]
+    for key in ("pretrained_average", "individual_average", "individual_min"):
+        if key in shape:
+            out.append(f"- {key.replace('_', ' ')}: {100 * shape[key]:.1f}")
+    for key in ("simple_average_gap_points", "task_arithmetic_gap_points"):
+        if key in shape:
+            out.append(f"- {key.replace('_gap_points', '').replace('_', ' ')}: {shape[key]:.1f} points below individual")
+    if "pretrained_below_every_individual" in shape:
+        out.append(f"- pretrained below every task's individual model: {shape['pretrained_below_every_individual']}")
+    for r in shape.get("ranking", []):
+        out.append(f"- {r['pair']}: {'holds' if r['holds'] else '**does not hold**'} ({r['values'][0]} vs {r['values'][1]})")
+    return "\n".join(out) + "\n"
+
+
+def bar_chart(summary: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(r["label"], r["average"], r.get("average_std", 0.0), m in OUR_METHODS)
+            for m, r in summary["methods"].items() if "average" in r]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    y = range(len(rows))
+    ax.barh(list(y), [100 * r[1] for r in rows], xerr=[100 * r[2] for r in rows],
+            color=["tab:orange" if r[3] else "tab:blue" for r in rows])
+    for i, r in enumerate(rows):
+        ax.text(100 * r[1] + 0.5, i, f"{100 * r[1]:.1f}", va="center", fontsize=8)
+    ax.set_yticks(list(y), labels=[r[0] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("average test accuracy (%)")
+    ax.set_xlim(0, 105)
+    ax.set_title("Leaderboard (orange: this package)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="statsmerge-leaderboard", description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated, from: {', '.join(METHODS)}")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (program `seed` and our methods' `method.seed`)")
+    p.add_argument("--modelpool", default="CLIPVisionModelPool/mini-clip_TA8")
+    p.add_argument("--taskpool", default="CLIPVisionModelTaskPool/mini-clip_TA8")
+    p.add_argument("--config-dir", default=None, help="extra Hydra config dir (fusion_bench --config-dir)")
+    p.add_argument("--override", action="append", default=[], help="a Hydra override for every run (repeatable)")
+    p.add_argument("--method-override", action="append", default=[],
+                   help="METHOD:KEY=VALUE, a Hydra override for one method's runs (repeatable)")
+    p.add_argument("--out", default="docs/leaderboard", help="output stem: writes OUT.md, OUT.json, OUT.png")
+    p.add_argument("--runs-dir", default=None, help="where each run's log dir goes (default: OUT_runs)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per fusion_bench process")
+    p.add_argument("--cwd", default=".", help="working directory of the fusion_bench processes")
+    p.add_argument("--python", default=sys.executable)
+    p.add_argument("--header", default="", help="markdown placed above the table")
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    for item in args.method_override:
+        name, sep, _ = item.partition(":")
+        if not sep or name not in METHODS:
+            p.error(f"--method-override {item!r}: expected METHOD:KEY=VALUE with METHOD in {list(METHODS)}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    for suffix in (".md", ".json", ".png"):
+        target = out.with_suffix(suffix)
+        if target.exists():
+            backup = target.with_name(f"{target.stem}.previous{suffix}")
+            target.replace(backup)  # never lose an earlier table silently
+            print(f"[leaderboard] kept the previous {target.name} as {backup.name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["statsmerge-leaderboard", *(sys.argv[1:] if argv is None else argv)])
+    start = time.time()
+    summary = Leaderboard(args).run()
+    summary["command"] = command
+    summary["total_wall_time_s"] = round(time.time() - start, 1)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    bar_chart(summary, out.with_suffix(".png"))
+    text = markdown(summary, command, args.header) + "\n" + shape_markdown(summary["shape"])
+    text += f"\n![leaderboard]({out.with_suffix('.png').name})\n"
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    failed = [m for m, r in summary["methods"].items() if r["status"] != "ok"]
+    return 1 if failed and len(failed) == len(summary["methods"]) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
