@@ -1,0 +1,168 @@
+"""The distillation loop: one teacher into one student of the target architecture.
+
+The student starts from ``_pretrained_`` and is classified with the task's frozen zero-shot head (the
+head ``CLIPClassificationMixin`` builds); all of the student's vision parameters are trained, the head,
+projection and logit scale are not. Each step draws a batch of training images (an epoch-wise random
+permutation), applies the same random augmentation to the teacher's and the student's view, and
+minimises :func:`~.losses.distillation_objective` with AdamW under a warm-up + cosine schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from statsmerge_plugin.validation import check_choice, check_int, check_positive
+
+from .augment import AUGMENTATIONS, apply_augmentation, sample_augmentation
+from .losses import distillation_objective
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    """Every knob of one distillation run (all of them enter the student cache key).
+
+    Attributes:
+        temperature: softmax temperature ``T`` of the KL term (paper: 4).
+        alpha: weight of the cross-entropy on labels (paper: 0.7); used only with ``use_labels``.
+        use_labels: ``False`` (default): label-free KL only. ``True``: the paper's
+            ``alpha * CE + (1 - alpha) * T^2 * KL`` with the train split's labels.
+        max_steps: optimiser steps.
+        lr: AdamW peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_fraction: fraction of the steps with a linear warm-up (then cosine decay to 0).
+        batch_size: training images per step.
+        augmentation: ``none``, ``flip``, ``crop`` or ``flip_crop``.
+        crop_fraction: maximal crop offset as a fraction of the image size.
+        seed: seeds batch order and augmentation.
+    """
+
+    temperature: float = 4.0
+    alpha: float = 0.7
+    use_labels: bool = False
+    max_steps: int = 300
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.05
+    batch_size: int = 64
+    augmentation: str = "crop"
+    crop_fraction: float = 0.125
+    seed: int = 0
+
+    def __post_init__(self):
+        check_positive("temperature", self.temperature)
+        if not 0.0 <= float(self.alpha) <= 1.0:
+            raise ValueError(f"invalid value {self.alpha!r} for option `alpha`: expected 0 <= alpha <= 1")
+        if not isinstance(self.use_labels, bool):
+            raise ValueError(f"invalid value {self.use_labels!r} for option `use_labels`: expected a bool")
+        check_int("max_steps", self.max_steps)
+        check_int("batch_size", self.batch_size)
+        check_int("seed", self.seed, minimum=0)
+        check_positive("lr", self.lr)
+        check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        check_positive("warmup_fraction", self.warmup_fraction, allow_zero=True)
+        check_positive("crop_fraction", self.crop_fraction, allow_zero=True)
+        if self.crop_fraction >= 0.5 or self.warmup_fraction >= 1:
+            raise ValueError("options `crop_fraction` must be < 0.5 and `warmup_fraction` < 1")
+        check_choice("augmentation", self.augmentation, AUGMENTATIONS)
+
+    def key(self) -> Dict:
+        """The options that determine the student (``alpha`` only matters with labels)."""
+        d = asdict(self)
+        if not self.use_labels:
+            d.pop("alpha")
+        return d
+
+
+def warmup_cosine(step: int, total: int, warmup_fraction: float) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to zero."""
+    warmup = max(1, int(warmup_fraction * total)) if warmup_fraction > 0 else 0
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def batch_indices(n: int, batch_size: int, steps: int, generator: torch.Generator) -> List[torch.Tensor]:
+    """``steps`` batches from successive random permutations of ``range(n)`` (epoch-wise sampling)."""
+    batch_size = min(batch_size, n)
+    order: List[torch.Tensor] = []
+    need = steps * batch_size
+    while sum(len(p) for p in order) < need:
+        order.append(torch.randperm(n, generator=generator))
+    flat = torch.cat(order)[:need]
+    return list(flat.view(steps, batch_size))
+
+
+def distill(
+    student: nn.Module,
+    student_logits: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    teacher_logits: Callable[[torch.Tensor], torch.Tensor],
+    student_pixels: torch.Tensor,
+    teacher_pixels: torch.Tensor,
+    options: DistillOptions,
+    labels: Optional[torch.Tensor] = None,
+    steps: Optional[int] = None,
+    desc: str = "distill",
+    progress: bool = True,
+) -> List[float]:
+    """Train ``student`` in place to match ``teacher_logits``; returns the loss of every step.
+
+    Args:
+        student: the student vision model (its parameters are trained).
+        student_logits: ``f(student, pixels) -> [B, C]`` (the frozen zero-shot head).
+        teacher_logits: ``f(pixels) -> [B, C]`` from the teacher's own head (no gradient).
+        student_pixels, teacher_pixels: the same ``N`` training images, as each processor makes them.
+        options: the distillation options.
+        labels: ``[N]`` ground-truth labels, required iff ``options.use_labels`` (never read otherwise).
+        steps: overrides ``options.max_steps`` (``fast_dev_run``).
+    """
+    if options.use_labels != (labels is not None):
+        raise ValueError(
+            "labels must be given exactly when `use_labels` is true "
+            f"(use_labels={options.use_labels}, labels given: {labels is not None})"
+        )
+    if len(student_pixels) != len(teacher_pixels):
+        raise ValueError("teacher and student views must hold the same images")
+    steps = options.max_steps if steps is None else steps
+    generator = torch.Generator().manual_seed(options.seed)
+    batches = batch_indices(len(student_pixels), options.batch_size, steps, generator)
+    cached_teacher = None
+    if options.augmentation == "none":  # the teacher's targets never change: compute them once
+        cached_teacher = torch.cat(
+            [teacher_logits(chunk) for chunk in teacher_pixels.split(max(options.batch_size, 256))]
+        )
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, steps, options.warmup_fraction)
+    )
+    student.train()
+    losses: List[float] = []
+    bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
+    for idx in bar:
+        params_ = sample_augmentation(len(idx), options.augmentation, options.crop_fraction, generator)
+        xs = apply_augmentation(student_pixels[idx], params_)
+        if cached_teacher is not None:
+            target = cached_teacher[idx]
+        else:
+            target = teacher_logits(apply_augmentation(teacher_pixels[idx], params_))
+        loss = distillation_objective(
+            student_logits(student, xs),
+            target.to(xs.device),
+            options.temperature,
+            options.alpha,
+            None if labels is None else labels[idx].to(xs.device),
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    student.eval()
+    return losses

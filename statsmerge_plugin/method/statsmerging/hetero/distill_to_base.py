@@ -1,0 +1,472 @@
+R"""
+Distil teachers of other architectures into the target architecture (StatsMerging, third contribution).
+
+Ranjith Merugu, Bryan Bo Cao, Shubham Jain. "StatsMerging: Statistics-Guided Model Merging via
+Task-Specific Teacher Distillation", arXiv:2506.04567 (2025), §4 / Algorithm 1 line 1: when the models
+to merge have different architectures, pick a target architecture and distil every model of another
+architecture into it; then merge same-architecture models only.
+
+Here the target architecture is the pool's ``_pretrained_`` CLIP vision model. Every task model whose
+parameter names or shapes differ from it is a teacher (see :mod:`.teachers` for what a teacher may be).
+For each teacher, a student initialised from ``_pretrained_`` and classified with the task's frozen
+zero-shot head is trained on the task's **train** split (never test) to match the teacher's own logits:
+
+$$ \mathcal{L} = T^2\,\mathrm{KL}\big(\mathrm{softmax}(t/T)\,\|\,\mathrm{softmax}(s/T)\big)
+   \quad\text{(default, label-free)}, \qquad
+   \mathcal{L} = \alpha\,\mathrm{CE}(y, s) + (1-\alpha)\,T^2\,\mathrm{KL}(\cdot)
+   \quad\text{(``use_labels``, the paper: } T = 4,\ \alpha = 0.7) $$
+
+Deviations from the paper / official code (spec §4): the paper's student is a ResNet-50 with a new fc
+layer; here the target is whatever ``_pretrained_`` is (a CLIP ViT), and the student keeps the task's
+zero-shot head frozen, so that students merge with the other fine-tuned CLIP models exactly like
+task-arithmetic fine-tunes. The official script distils truncated CLIP *embeddings* as "logits"; here
+teacher logits come from the teacher's own head. Label-free is the default (the paper uses labels).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import yaml
+from fusion_bench import BaseAlgorithm, auto_register_config
+from fusion_bench.mixins import CLIPClassificationMixin, SimpleProfilerMixin
+from fusion_bench.modelpool import CLIPVisionModelPool
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from statsmerge_plugin.data import UnlabelledImages, held_out_indices, resolve_held_out_source, stack_images
+from statsmerge_plugin.validation import check_int, check_task_classnames
+
+from .cache import (
+    cached_student,
+    default_cache_dir,
+    module_digest,
+    save_student,
+    state_digest,
+    student_cache_key,
+    student_lock,
+    tensor_digest,
+)
+from .distill import DistillOptions, distill
+from .report import accuracy, write_report
+from .teachers import (
+    Teacher,
+    build_teacher,
+    is_clip_vision_model,
+    parameter_shapes,
+    processor_identity,
+    same_architecture,
+)
+
+log = logging.getLogger(__name__)
+
+
+def plain(cfg: Any) -> Any:
+    """A resolved, plain-Python copy of a config value (DictConfig / ListConfig / scalar)."""
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def read_labels(dataset, indices: List[int]) -> torch.Tensor:
+    """Ground-truth labels of ``dataset[indices]`` (only ever called with ``use_labels``)."""
+    labels = []
+    for i in indices:
+        item = dataset[i]
+        labels.append(int(item["label"] if isinstance(item, dict) else item[1]))
+    return torch.tensor(labels, dtype=torch.long)
+
+
+@dataclass
+class PoolPlan:
+    """What the pool holds: the target, the same-architecture models and the teachers."""
+
+    target: str
+    tasks: List[str]
+    same_architecture: List[str] = field(default_factory=list)
+    teachers: Dict[str, Teacher] = field(default_factory=dict)
+
+
+@auto_register_config
+class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgorithm):
+    """Distil every other-architecture task model of a CLIP pool into ``_pretrained_``'s architecture.
+
+    ``run`` writes the students and a ready-to-use model pool YAML (``_pretrained_``, the
+    same-architecture models and the students) so that any FusionBench method can merge them, plus a
+    student-vs-teacher report, and returns ``None`` (FusionBench then skips evaluation: there is no
+    merged model yet).
+
+    Args:
+        temperature: KL temperature ``T`` (paper: 4).
+        alpha: weight of the label cross-entropy with ``use_labels`` (paper: 0.7).
+        use_labels: ``False``: label-free KL on unlabelled train images (default). ``True``: the
+            paper's ``alpha * CE + (1 - alpha) * T^2 * KL`` with train labels.
+        max_steps: optimiser steps per student (``fast_dev_run``: 1).
+        lr: AdamW peak learning rate (warm-up + cosine).
+        weight_decay: AdamW weight decay.
+        warmup_fraction: fraction of steps with linear warm-up.
+        batch_size: images per step.
+        augmentation: ``none``, ``flip``, ``crop`` or ``flip_crop`` (same parameters for both views).
+        crop_fraction: maximal crop offset, as a fraction of the image size.
+        seed: seeds the image subset, batch order and augmentation.
+        num_train_images: images of the train split used per teacher (``null``: all).
+        cache_dir: student cache (``null``: ``$STATSMERGE_STUDENT_CACHE`` or the user cache dir).
+        teachers: optional per-teacher overrides ``{task: {processor: ..., clip_model: ...}}``
+            (default: both are loaded from the directory the teacher was loaded from).
+        evaluate_test: evaluate teachers, students and ``_pretrained_`` on the test split (report only).
+        eval_batch_size: batch size of that evaluation.
+        output_dir: where ``run`` writes students, pool YAML and report (``null``:
+            ``<log_dir>/distill_to_base``).
+        pool_name: file name (without ``.yaml``) of the written model pool config.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 4.0,
+        alpha: float = 0.7,
+        use_labels: bool = False,
+        max_steps: int = 300,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_fraction: float = 0.05,
+        batch_size: int = 64,
+        augmentation: str = "crop",
+        crop_fraction: float = 0.125,
+        seed: int = 0,
+        num_train_images: Optional[int] = None,
+        cache_dir: Optional[str] = None,
+        teachers: Optional[Dict[str, Dict[str, Any]]] = None,
+        evaluate_test: bool = True,
+        eval_batch_size: int = 256,
+        output_dir: Optional[str] = None,
+        pool_name: str = "distilled",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.distill_options()  # validates every option now, naming the culprit
+        if num_train_images is not None:
+            check_int("num_train_images", num_train_images)
+        check_int("eval_batch_size", eval_batch_size)
+        if teachers is not None and not isinstance(plain(teachers), dict):
+            raise ValueError("option `teachers` must map task names to {processor, clip_model} overrides")
+
+    def distill_options(self) -> DistillOptions:
+        return DistillOptions(
+            temperature=float(self.temperature),
+            alpha=float(self.alpha),
+            use_labels=self.use_labels,
+            max_steps=self.max_steps,
+            lr=float(self.lr),
+            weight_decay=float(self.weight_decay),
+            warmup_fraction=float(self.warmup_fraction),
+            batch_size=self.batch_size,
+            augmentation=self.augmentation,
+            crop_fraction=float(self.crop_fraction),
+            seed=self.seed,
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    def run(self, modelpool: CLIPVisionModelPool):
+        if self.output_dir is None and self.log_dir is None:
+            raise ValueError("distill_to_base needs `output_dir` (there is no log directory)")
+        out = Path(self.output_dir if self.output_dir is not None else Path(self.log_dir) / "distill_to_base")
+        student_pool, report = self.distill_pool(modelpool)
+        if self.fabric.is_global_zero:
+            self.write_outputs(out, modelpool, student_pool, report)
+        self.print_profile_summary()
+        return None
+
+    def distill_pool(self, modelpool: CLIPVisionModelPool) -> Tuple[CLIPVisionModelPool, Dict]:
+        """Check the pool, distil (or fetch from cache) every teacher; return the student pool + report.
+
+        The returned pool holds ``_pretrained_``, the same-architecture entries unchanged and one
+        saved student per teacher (a path), with the input pool's processor and datasets.
+        """
+        start = time.time()
+        self.modelpool = modelpool
+        plan = self.inspect_pool(modelpool)
+        if not plan.teachers:
+            log.warning("heterogeneous merging: every task model has the target architecture, nothing to distil")
+        teacher_tasks = list(plan.teachers)
+        students: Dict[str, Path] = {}
+        records: Dict[str, Dict] = {}
+        losses: Dict[str, List[float]] = {}
+        if teacher_tasks:
+            self.setup_zero_shot_classification_head(task_names=teacher_tasks)
+            with self.profile("base digest"):
+                base = modelpool.load_pretrained_model()
+                base_id = module_digest(base)
+                del base
+            for task in tqdm(teacher_tasks, "distil teachers", disable=not self.fabric.is_global_zero):
+                students[task], records[task], losses[task] = self.distill_teacher(
+                    modelpool, plan.teachers[task], base_id
+                )
+        student_pool = self.student_pool(modelpool, plan, students)
+        report = {
+            "target": plan.target,
+            "same_architecture": plan.same_architecture,
+            "teachers": records,
+            "cache_dir": str(self.resolved_cache_dir()),
+            "options": self.distill_options().key() | {"num_train_images": self.num_train_images},
+            "fast_dev_run": bool(self.is_debug_mode),
+        }
+        if self.evaluate_test and teacher_tasks:
+            with self.profile("test evaluation (report only)"):
+                self.evaluate(modelpool, plan, students, records)
+        report["wall_time_s"] = round(time.time() - start, 2)
+        self._loss_curves = losses
+        return student_pool, report
+
+    # ------------------------------------------------------------------------------------------------
+    def inspect_pool(self, modelpool) -> PoolPlan:
+        """All input checks, before any training: one clear error naming the culprit.
+
+        Raises:
+            ValueError: no ``_pretrained_`` target, a target that is not a CLIP vision model, no task
+                models, a task without FusionBench class names, a teacher without a usable head or
+                processor, a teacher/task class-count mismatch, a teacher without a train split, an
+                override for an unknown task.
+        """
+        from fusion_bench.tasks.clip_classification import get_classnames_and_templates
+
+        if not modelpool.has_pretrained:
+            raise ValueError(
+                "the model pool has no `_pretrained_` model: heterogeneous merging distils every "
+                "teacher into the target architecture, which is the pool's `_pretrained_` "
+                f"(pool models: {modelpool.all_model_names})"
+            )
+        tasks = list(modelpool.model_names)
+        if not tasks:
+            raise ValueError("the model pool has no task models besides `_pretrained_`")
+        overrides = plain(self.teachers) or {}
+        unknown = sorted(set(overrides) - set(tasks))
+        if unknown:
+            raise ValueError(f"option `teachers` names tasks that are not in the pool: {unknown}")
+        with self.profile("inspect pool"):
+            base = modelpool.load_pretrained_model()
+            if not is_clip_vision_model(base):
+                raise ValueError(
+                    f"`_pretrained_` is a {type(base).__name__}, not a CLIP vision model: the target "
+                    "architecture must be a CLIP vision model (its zero-shot heads classify students)"
+                )
+            check_task_classnames(tasks)
+            base_shapes = parameter_shapes(base)
+            plan = PoolPlan(target=f"{type(base).__name__}, {len(base_shapes)} tensors", tasks=tasks)
+            del base
+            for task in tasks:
+                model = modelpool.load_model(task)
+                if same_architecture(base_shapes, parameter_shapes(model)):
+                    plan.same_architecture.append(task)
+                    if task in overrides:
+                        raise ValueError(f"option `teachers.{task}`: {task!r} is not a teacher (same architecture)")
+                    continue
+                classnames, templates = get_classnames_and_templates(task)
+                plan.teachers[task] = build_teacher(
+                    task,
+                    model,
+                    classnames,
+                    templates,
+                    override=overrides.get(task),
+                    config=plain(modelpool.get_model_config(task)),
+                )
+                resolve_held_out_source(modelpool, task, "train")  # a train split, and not the test one
+                log.info(f"task {task!r}: teacher ({plan.teachers[task].kind}, {type(model).__name__})")
+        return plan
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+
+    def steps(self) -> int:
+        return 1 if self.is_debug_mode else self.max_steps
+
+    # ------------------------------------------------------------------------------------------------
+    def distill_teacher(self, modelpool, teacher: Teacher, base_id: str):
+        """Distil one teacher (or take its student from the cache); returns (path, record, losses)."""
+        task = teacher.task
+        options = self.distill_options()
+        with self.profile("load train images"):
+            train = modelpool.load_train_dataset(task)
+            indices = held_out_indices(len(train), self.num_train_images, self.seed, task, "train")
+            student_view = self.to_device(stack_images(UnlabelledImages(train, self.clip_processor, indices)))
+            teacher_view = self.to_device(stack_images(UnlabelledImages(train, teacher.processor, indices)))
+            labels = read_labels(train, indices) if options.use_labels else None
+        head = self.zeroshot_weights[task]
+        key = student_cache_key(
+            teacher={
+                "task": task,
+                "kind": teacher.kind,
+                "config": teacher.config,
+                "weights": module_digest(teacher.model),
+                "head": state_digest(teacher.head_state()),
+                "processor": processor_identity(teacher.processor),
+            },
+            data={
+                "split": "train",
+                "student_pixels": tensor_digest(student_view),
+                "teacher_pixels": tensor_digest(teacher_view),
+                "labels": None if labels is None else tensor_digest(labels),
+            },
+            options=options.key()
+            | {
+                "steps": self.steps(),
+                "student_init": base_id,
+                "student_head": tensor_digest(head, self.visual_projection.weight, self.logit_scale_exp),
+                "student_processor": processor_identity(self.clip_processor),
+            },
+        )
+        cache_dir = self.resolved_cache_dir()
+        record = {
+            "teacher_kind": teacher.kind,
+            "teacher_class": type(teacher.model).__name__,
+            "teacher_source": teacher.source,
+            "use_labels": options.use_labels,
+            "steps": self.steps(),
+            "num_train_images": len(indices),
+            "cache_key": key,
+        }
+        start = time.time()
+        with student_lock(cache_dir, key):
+            hit = cached_student(cache_dir, key)
+            if hit is not None:
+                import json
+
+                manifest = json.loads((hit / "manifest.json").read_text())
+                log.info(f"task {task!r}: student found in the cache ({hit})")
+                record |= {"cache_hit": True, "student_path": str(hit), "distill_seconds": 0.0}
+                record["final_loss"] = manifest.get("final_loss")
+                return hit, record, manifest.get("losses", [])
+            teacher.to(self.fabric.device)
+            student = self.to_device(modelpool.load_pretrained_model())
+            student.requires_grad_(True)
+            with self.profile("distillation"):
+                losses = distill(
+                    student,
+                    lambda module, pixels: self.compute_logits(module, pixels, task),
+                    teacher.logits,
+                    student_view,
+                    teacher_view,
+                    options,
+                    labels=labels,
+                    steps=self.steps(),
+                    desc=("[DEBUG MODE] " if self.is_debug_mode else "") + f"distil {task}",
+                    progress=self.fabric.is_global_zero,
+                )
+            seconds = round(time.time() - start, 2)
+            student.requires_grad_(False)
+            path = save_student(
+                cache_dir,
+                key,
+                student.cpu(),
+                {
+                    "task": task,
+                    "teacher": {k: record[k] for k in ("teacher_kind", "teacher_class", "teacher_source")},
+                    "options": options.key(),
+                    "steps": self.steps(),
+                    "num_train_images": len(indices),
+                    "data_split": "train",
+                    "final_loss": losses[-1] if losses else None,
+                    "losses": losses,
+                    "distill_seconds": seconds,
+                },
+            )
+        record |= {
+            "cache_hit": False,
+            "student_path": str(path),
+            "distill_seconds": seconds,
+            "final_loss": losses[-1] if losses else None,
+        }
+        return path, record, losses
+
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, modelpool, plan: PoolPlan, students: Dict[str, Path], records: Dict[str, Dict]):
+        """Test accuracy of teacher, student and ``_pretrained_`` per teacher task (report only)."""
+        from transformers import CLIPVisionModel
+
+        device = self.fabric.device
+        max_batches = 1 if self.is_debug_mode else None
+        base = self.to_device(modelpool.load_pretrained_model()).eval()
+        for task, teacher in plan.teachers.items():
+            record = records[task]
+            if task not in modelpool.test_dataset_names:
+                record.update(teacher_accuracy=None, student_accuracy=None, pretrained_accuracy=None)
+                log.warning(f"task {task!r}: no test dataset in the pool, accuracies not reported")
+                continue
+            test = modelpool.load_test_dataset(task)
+            student = self.to_device(CLIPVisionModel.from_pretrained(students[task])).eval()
+            teacher.to(device)
+
+            def zero_shot(module):
+                return lambda pixels: self.compute_logits(module, pixels, task)
+
+            kw = dict(batch_size=self.eval_batch_size, device=device, max_batches=max_batches)
+            record["teacher_accuracy"] = accuracy(teacher.logits, test, teacher.processor, **kw)
+            record["student_accuracy"] = accuracy(zero_shot(student), test, self.clip_processor, **kw)
+            record["pretrained_accuracy"] = accuracy(zero_shot(base), test, self.clip_processor, **kw)
+            t = record["teacher_accuracy"]
+            record["student_over_teacher"] = record["student_accuracy"] / t if t else None
+            del student
+
+    # ------------------------------------------------------------------------------------------------
+    def student_pool(self, modelpool, plan: PoolPlan, students: Dict[str, Path]) -> CLIPVisionModelPool:
+        """The pool to merge: ``_pretrained_``, same-architecture entries, students (in task order)."""
+        models = {"_pretrained_": plain(modelpool.get_model_config("_pretrained_"))}
+        for task in plan.tasks:
+            models[task] = str(students[task]) if task in students else plain(modelpool.get_model_config(task))
+        datasets = {
+            f"{split}_datasets": (
+                DictConfig(plain(getattr(modelpool, f"_{split}_datasets")))
+                if getattr(modelpool, f"_{split}_datasets", None) is not None
+                else None
+            )
+            for split in ("train", "val", "test")
+        }
+        return CLIPVisionModelPool(
+            DictConfig(models),
+            processor=plain(modelpool._processor),
+            platform=getattr(modelpool, "_platform", "hf"),
+            **datasets,
+        )
+
+    def write_outputs(self, out: Path, modelpool, student_pool: CLIPVisionModelPool, report: Dict) -> Path:
+        """Students (copied from the cache), ``modelpool/<pool_name>.yaml`` and the report into ``out``."""
+        out = Path(out)
+        (out / "modelpool").mkdir(parents=True, exist_ok=True)
+        models = plain(student_pool._models)
+        for task, record in report["teachers"].items():
+            dst = out / "students" / task
+            if dst.exists():
+                shutil.rmtree(dst)
+            shutil.copytree(record["student_path"], dst)
+            models[task] = str(dst.resolve())
+        pool = {
+            "_target_": "fusion_bench.modelpool.CLIPVisionModelPool",
+            "_recursive_": False,
+            "processor": plain(student_pool._processor),
+            "platform": student_pool._platform,
+            "models": models,
+        }
+        for split in ("train", "val", "test"):
+            cfg = plain(getattr(student_pool, f"_{split}_datasets", None))
+            if cfg:
+                pool[f"{split}_datasets"] = cfg
+        header = (
+            "# FusionBench model pool written by method=statsmerging/distill_to_base\n"
+            "# _pretrained_ and the same-architecture models as in the input pool; every teacher of\n"
+            "# another architecture replaced by its distilled student (a CLIPVisionModel in students/).\n"
+            f"# Use: fusion_bench --config-dir {out.resolve()} modelpool={self.pool_name} method=<any> "
+            "taskpool=<...>\n"
+        )
+        (out / "modelpool" / f"{self.pool_name}.yaml").write_text(
+            header + yaml.safe_dump(pool, sort_keys=False)
+        )
+        report = dict(report, modelpool_yaml=str((out / "modelpool" / f"{self.pool_name}.yaml").resolve()))
+        write_report(out, report, getattr(self, "_loss_curves", {}))
+        log.info(f"distill_to_base: students, pool config and report written to {out}")
+        return out
