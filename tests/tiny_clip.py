@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Features, Image as ImageFeature, Value
 from PIL import Image
+from statsmerge_plugin.mini.tokenizer import bytes_to_unicode
 from transformers import (
     CLIPConfig,
     CLIPImageProcessor,
@@ -29,23 +30,8 @@ from transformers import (
 SPLITS = ("train", "val", "test")
 
 
-def _bytes_to_unicode() -> dict:
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def _processor(root: Path) -> CLIPProcessor:
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     tok_dir = root / "tok"
     tok_dir.mkdir(parents=True, exist_ok=True)
