@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Features, Image as ImageFeature, Value
 from PIL import Image
-from statsmerge_plugin.mini.tokenizer import bytes_to_unicode
 from transformers import (
     CLIPConfig,
     CLIPImageProcessor,
@@ -26,6 +25,8 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
 )
+
+from statsmerge_plugin.mini.tokenizer import bytes_to_unicode
 
 SPLITS = ("train", "val", "test")
 
