@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fusion_bench.utils import instantiate
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionModel
 
-from fusion_bench.utils import instantiate
 from statsmerge_plugin.data import held_out_images, stack_images
 from statsmerge_plugin.method.prodistill import ProDistillForCLIP
 from statsmerge_plugin.method.prodistill.merge import (
@@ -71,7 +71,9 @@ def copy_model(src: Path, dst: Path, edit=None) -> Path:
 
 def block_state(model, index):
     prefix = f"vision_model.encoder.layers.{index}."
-    return {n[len(prefix) :]: p.detach() for n, p in model.named_parameters() if n.startswith(prefix)}
+    return {
+        n[len(prefix) :]: p.detach() for n, p in model.named_parameters() if n.startswith(prefix)
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -320,7 +322,9 @@ def test_nan_weights_name_model_and_parameter(tiny, tmp_path):
 
 def test_too_few_images_names_the_task(tiny):
     cfg = pool_config(tiny)
-    _expect_error(make_pool(cfg), r"task 'mnist': asked for 13 unlabelled images", shots_per_task=13)
+    _expect_error(
+        make_pool(cfg), r"task 'mnist': asked for 13 unlabelled images", shots_per_task=13
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,7 +335,9 @@ def test_too_few_images_names_the_task(tiny):
 def _write_configs(tiny, config_dir: Path) -> None:
     (config_dir / "modelpool").mkdir(parents=True)
     (config_dir / "taskpool").mkdir(parents=True)
-    (config_dir / "modelpool" / "tiny_prodistill.yaml").write_text(yaml.safe_dump(pool_config(tiny)))
+    (config_dir / "modelpool" / "tiny_prodistill.yaml").write_text(
+        yaml.safe_dump(pool_config(tiny))
+    )
     (config_dir / "taskpool" / "tiny_prodistill.yaml").write_text(
         yaml.safe_dump(taskpool_config(tiny))
     )
@@ -343,7 +349,12 @@ def test_cli_fast_dev_run(tiny, tmp_path, where):
     _write_configs(tiny, config_dir)
     log_dir = tmp_path / "logs"
     cwd = REPO_ROOT if where == "repo_root" else tmp_path
-    env = dict(os.environ, HF_HUB_OFFLINE="1", FUSION_BENCH_PROJECT_ROOT=str(tmp_path))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        FUSION_BENCH_PROJECT_ROOT=str(tmp_path),
+        OMP_NUM_THREADS="1",  # tiny model on a shared CPU: avoid thread oversubscription
+    )
     cmd = [
         "fusion_bench",
         "--config-dir",

@@ -12,6 +12,7 @@ import inspect
 import re
 from typing import Dict, List, Mapping, Optional, Tuple
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -54,6 +55,23 @@ def canonical_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
 
 def canonical_buffers(model: nn.Module) -> Dict[str, Tensor]:
     return dict(vision_backbone(model).named_buffers())
+
+
+def empty_block_like(block: nn.Module, config) -> Optional[nn.Module]:
+    """A parameter-less stand-in for ``block`` (same class and config, on the ``meta`` device) to
+    run with :func:`call_block`, which supplies every parameter; reading nothing from ``block``
+    keeps the output model's lazily loaded weights untouched. ``None`` if that is not possible
+    (unknown constructor, or the block has buffers, which ``functional_call`` would not replace).
+    """
+    try:
+        with torch.device("meta"):
+            empty = type(block)(config)
+    except Exception:  # noqa: BLE001 - the caller falls back to a copy of the block
+        return None
+    names = {n for n, _ in empty.named_parameters()}
+    if list(empty.buffers()) or names != {n for n, _ in block.named_parameters()}:
+        return None
+    return empty
 
 
 def _block_forward_kwargs(block: nn.Module) -> dict:

@@ -64,6 +64,7 @@ import torch
 from fusion_bench.method.base_algorithm import BaseAlgorithm
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_register_config
 from fusion_bench.modelpool import BaseModelPool
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ...data import HELD_OUT_SOURCES, held_out_images, stack_images
@@ -85,6 +86,7 @@ from .layers import (
     call_embedding_stage,
     canonical_buffers,
     canonical_parameters,
+    empty_block_like,
     group_names,
     vision_backbone,
 )
@@ -296,16 +298,24 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
 
         # --- blocks, one at a time (spec §1.4) -------------------------------------------------
         generator = torch.Generator().manual_seed(self.seed)
+        merged_dir = scratch / "merged_blocks"
+        merged_dir.mkdir(parents=True, exist_ok=True)
         layers = backbone.encoder.layers
         try:
             for index, local_names in ref_blocks.items():
+                template = empty_block_like(layers[index], merged_model.config)
+                if template is None:  # cannot build an empty block: copy the pretrained one
+                    template = self.to_device(_copy_module(layers[index]))
                 record = self._distill_block(
-                    index, local_names, layers[index], readers, tasks, cache, device, generator
+                    index, local_names, template, readers, tasks, cache, device, generator
                 )
-                with torch.no_grad():
-                    for n, value in record.pop("merged").items():
-                        p = out_params[block_prefix(index) + n]
-                        p.copy_(value.to(p.device, p.dtype))
+                # Like the official code, finished blocks go to disk, not into the output model:
+                # writing into it now would make its (lazily mapped) weights resident one block
+                # at a time, so the loop's peak memory would grow with depth.
+                save_file(
+                    {n: v.contiguous() for n, v in record.pop("merged").items()},
+                    str(merged_dir / f"block_{index:03d}.safetensors"),
+                )
                 self.block_records.append(record)
                 log.info(
                     f"block {index}: loss {record['loss_before']:.4g} -> {record['loss_after']:.4g}, "
@@ -318,6 +328,15 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
                 )
         finally:
             cache.close()
+        gc.collect()
+
+        with self.profile("assemble output"), torch.no_grad():
+            for index, local_names in ref_blocks.items():
+                merged = load_file(str(merged_dir / f"block_{index:03d}.safetensors"))
+                for n, value in merged.items():
+                    p = out_params[block_prefix(index) + n]
+                    p.copy_(value.to(p.device, p.dtype))
+                del merged
 
         self._write_outputs(tasks, setup_seconds, time.perf_counter() - t0)
         self.print_profile_summary()
@@ -375,7 +394,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
         self,
         index: int,
         local_names: List[str],
-        layer: nn.Module,
+        template: nn.Module,
         readers: Dict[str, WeightReader],
         tasks: List[str],
         cache: DualStreamCache,
@@ -386,7 +405,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
         reset_cuda_peak(device)
         t_block = time.perf_counter()
         names = [block_prefix(index) + n for n in local_names]
-        template = self.to_device(_copy_module(layer)).eval()
+        template.eval()
         for p in template.parameters():
             p.requires_grad_(False)
 
