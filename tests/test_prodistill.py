@@ -229,8 +229,11 @@ def test_reading_paths_and_disk_cache_give_the_same_merge(tiny, tmp_path):
     scratch = tmp_path / "scratch"
     alg = ProDistillForCLIP(**FAST, activation_cache="disk", scratch_dir=str(scratch))
     other = alg.run(pool)
-    assert (scratch / "converted" / "eurosat.safetensors").is_file()  # fallback conversion
-    assert not (scratch / "activations" / "student_stream.bin").exists()  # cache cleaned up
+    sources = alg.report["weight_sources"]
+    assert sources["_pretrained_"].endswith("model.safetensors")  # streamed
+    assert sources["mnist"] == "in-memory nn.Module"
+    assert sources["eurosat"] == str(scratch / "converted" / "eurosat.safetensors")  # fallback
+    assert not any(scratch.rglob("*.safetensors")) and not any(scratch.rglob("*.bin"))  # cleaned
     for (n, a), (_, b) in zip(ref.named_parameters(), other.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
 

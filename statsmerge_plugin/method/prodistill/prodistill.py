@@ -43,9 +43,15 @@ Deviations (numerically equivalent, cheaper; spec §1.4, §1.6, §5.13):
   every epoch and kept as the next block's teacher input. The code runs all T teachers on every
   sample in every step and masks.
 - Block weights are streamed from each checkpoint (``safetensors.safe_open``) instead of loading
-  every full model; merged blocks are written straight into the output model instead of to disk.
-  Only the current block's pretrained weights, task vectors, coefficients and Adam state sit on the
-  compute device; the dual-input cache stays in host memory (or in memory-mapped files).
+  every full model. Only the current block's pretrained weights, task vectors, coefficients and
+  Adam state sit on the compute device; the dual-input cache stays in host memory (or in
+  memory-mapped files). As in the code, each finished merged block is written to (scratch) disk;
+  the output model (the lazily loaded pretrained model) is only filled in after the last block, so
+  the loop's peak memory does not grow with depth. The block module that ``functional_call`` runs
+  is an empty copy on the ``meta`` device.
+- Per block, the report also records the squared feature error per sample over the whole few-shot
+  set before training (task-arithmetic coefficients) and after it (``loss_before``/``loss_after``),
+  which costs one extra block pass; the code only prints minibatch losses.
 - The stage-0 embedding pass uses only the small embedding-stage parameters of each fine-tuned model
   (the code keeps all fine-tuned encoders on the GPU for this step).
 """
@@ -256,8 +262,12 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
     def _run(self, modelpool, tasks: List[str], device, scratch: Path) -> nn.Module:
         t0 = time.perf_counter()
         with self.profile("load output skeleton"):
-            # one full model: the output (pretrained weights, overwritten as blocks are merged)
+            # one full model: the output. Loaded lazily (memory-mapped) from safetensors; its blocks
+            # are only written after the loop. A pool entry that is an nn.Module is copied, so the
+            # pool's own model is left unchanged.
             merged_model = modelpool.load_model(PRETRAINED)
+            if isinstance(modelpool._models[PRETRAINED], nn.Module):
+                merged_model = _copy_module(merged_model)
             backbone = vision_backbone(merged_model)
             out_params = canonical_parameters(merged_model)
             reference = {n: tuple(p.shape) for n, p in out_params.items()}
@@ -268,8 +278,9 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
                 name: make_reader(modelpool, name, scratch / "converted", buffer_names)
                 for name in [PRETRAINED] + tasks
             }
-            for name, reader in readers.items():
-                log.info(f"model {name!r}: block-wise reads from {reader.source}")
+            self._sources = {name: reader.source for name, reader in readers.items()}
+            for name, source in self._sources.items():
+                log.info(f"model {name!r}: block-wise reads from {source}")
             ref_blocks = self.validate_pool(reference, readers)
             _, other_names = group_names(reference)
 
@@ -317,6 +328,15 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
                     str(merged_dir / f"block_{index:03d}.safetensors"),
                 )
                 self.block_records.append(record)
+                if self.log_dir is not None:
+                    self.fabric.log_dict(
+                        {
+                            "prodistill/loss_before": record["loss_before"],
+                            "prodistill/loss_after": record["loss_after"],
+                            "prodistill/block_seconds": record["seconds"],
+                        },
+                        step=index,
+                    )
                 log.info(
                     f"block {index}: loss {record['loss_before']:.4g} -> {record['loss_after']:.4g}, "
                     f"{record['seconds']:.1f} s, peak RSS {record['peak_rss_mb']:.0f} MiB"
@@ -337,6 +357,8 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
                     p = out_params[block_prefix(index) + n]
                     p.copy_(value.to(p.device, p.dtype))
                 del merged
+        shutil.rmtree(merged_dir, ignore_errors=True)
+        shutil.rmtree(scratch / "converted", ignore_errors=True)
 
         self._write_outputs(tasks, setup_seconds, time.perf_counter() - t0)
         self.print_profile_summary()
@@ -529,6 +551,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
             "algorithm": "prodistill",
             "tasks": tasks,
             "few_shot_images": dict(self._data_info),
+            "weight_sources": dict(self._sources),
             "options": {k: getattr(self, k) for k in self._config_mapping if not k.startswith("_")},
             "setup_seconds": setup_seconds,
             "total_seconds": total_seconds,
