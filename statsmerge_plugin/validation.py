@@ -67,21 +67,13 @@ def check_compatible(
     model_name: str,
     other: Mapping[str, torch.Tensor],
 ) -> None:
-    """Same parameter names and shapes as the base model, and finite values."""
-    missing = sorted(set(base) - set(other))
-    extra = sorted(set(other) - set(base))
-    if missing or extra:
-        raise ValueError(
-            f"model {model_name!r} does not have the parameters of {base_name!r}: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
-        )
-    for name, tensor in base.items():
-        if other[name].shape != tensor.shape:
-            raise ValueError(
-                f"model {model_name!r}: parameter {name!r} has shape {tuple(other[name].shape)}, "
-                f"{base_name!r} has {tuple(tensor.shape)}"
-            )
+    """Same parameter names and shapes as the base model."""
+    check_same_shapes(
+        base_name,
+        {n: tuple(t.shape) for n, t in base.items()},
+        model_name,
+        {n: tuple(t.shape) for n, t in other.items()},
+    )
 
 
 def check_finite(model_name: str, state: Mapping[str, torch.Tensor]) -> None:

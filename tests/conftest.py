@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -22,6 +23,9 @@ def _isolated_fusion_bench_cache(tmp_path_factory):
     from fusion_bench.utils.cache_utils import set_default_cache_dir
 
     set_default_cache_dir(str(tmp_path_factory.mktemp("fusion_bench_cache")))
+    # tiny models: one thread each is faster than two threads fighting over two cores
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
