@@ -192,6 +192,30 @@ def _load_processor(task: str, kind: str, path, override: Mapping):
         ) from err
 
 
+def _load_own_clip(task: str, clip_path):
+    """The teacher's full ``CLIPModel``; ``ValueError`` unless a text tower is really there."""
+    from transformers import AutoConfig, CLIPModel
+
+    def no_head(reason: str) -> ValueError:
+        return ValueError(
+            f"teacher {task!r} (CLIP vision model) has no usable head: its zero-shot head needs its "
+            f"own full CLIPModel (text tower), but {reason}; save the CLIPModel next to the vision "
+            f"weights or set `teachers.{task}.clip_model`"
+        )
+
+    try:
+        config = AutoConfig.from_pretrained(str(clip_path))
+    except Exception as err:
+        raise no_head(f"no config loads from {clip_path!r} ({type(err).__name__}: {err})") from err
+    if config.model_type != "clip":
+        raise no_head(f"{clip_path!r} holds a {config.model_type!r} model, not a 'clip' one")
+    clip, info = CLIPModel.from_pretrained(str(clip_path), output_loading_info=True)
+    missing = [k for k in info["missing_keys"] if not k.startswith("vision_model")]
+    if missing:
+        raise no_head(f"{clip_path!r} lacks the text-side weights {missing[:3]}")
+    return clip
+
+
 def build_teacher(
     task: str,
     model: nn.Module,
@@ -219,17 +243,8 @@ def build_teacher(
     processor = _load_processor(task, kind, source, override)
     teacher = Teacher(task, kind, model.eval(), processor, 0, source, config)
     if kind == "clip":
-        from transformers import CLIPModel
-
         clip_path = override.get("clip_model", source)
-        try:
-            clip = CLIPModel.from_pretrained(str(clip_path))
-        except Exception as err:
-            raise ValueError(
-                f"teacher {task!r} (CLIP vision model) has no usable head: its zero-shot head needs "
-                f"the full CLIPModel (text tower) but none loads from {clip_path!r} "
-                f"({type(err).__name__}: {err}); set `teachers.{task}.clip_model`"
-            ) from err
+        clip = _load_own_clip(task, clip_path)
         if clip.config.vision_config.hidden_size != model.config.hidden_size:
             raise ValueError(
                 f"teacher {task!r}: the CLIPModel at {clip_path!r} (vision width "

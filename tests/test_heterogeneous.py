@@ -1,0 +1,377 @@
+"""Heterogeneous architectures (StatsMerging §4): distil other-architecture teachers, then merge.
+
+A tiny mixed pool built in the test: the tiny random CLIP of ``tiny_clip.py`` (``_pretrained_`` and a
+same-architecture ``mnist`` model), a tiny ``ResNetForImageClassification`` teacher for ``eurosat``
+and a wider tiny CLIP teacher (its own text tower) for ``svhn``. Real FusionBench classes, no mocks.
+Accuracies on random weights mean nothing: the tests check behaviour, never numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import read_json, run_fusion_bench, write_tiny_configs
+from datasets import load_from_disk
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from tiny_clip import build_tiny_clip, pool_config
+
+from statsmerge_plugin.method.statsmerging.distillation import soft_distillation_loss
+from statsmerge_plugin.method.statsmerging.hetero import DistillToBaseForCLIP, HeteroStatsMergingForCLIP
+from statsmerge_plugin.method.statsmerging.hetero.augment import apply_augmentation, sample_augmentation
+from statsmerge_plugin.method.statsmerging.hetero.cache import cached_student, save_student, student_cache_key
+from statsmerge_plugin.method.statsmerging.hetero.distill import DistillOptions, batch_indices
+from statsmerge_plugin.method.statsmerging.hetero.losses import label_free_loss, supervised_loss
+from statsmerge_plugin.method.statsmerging.hetero.teachers import (
+    build_teacher,
+    clip_head_logits,
+    parameter_shapes,
+    same_architecture,
+)
+
+TEACHERS = {"eurosat": "resnet", "svhn": "clip"}
+FAST = dict(max_steps=3, batch_size=8, evaluate_test=False)
+
+
+def resnet_teacher(path: Path, num_labels: int = 10, seed: int = 1) -> Path:
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    config = ResNetConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+        num_labels=num_labels,
+    )
+    ResNetForImageClassification(config).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def wide_clip_teacher(path: Path, pretrained: Path, seed: int = 2, text_tower: bool = True) -> Path:
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPModel.from_pretrained(pretrained).config.to_dict()
+    cfg["vision_config"].update(hidden_size=48, intermediate_size=96)
+    clip = CLIPModel(CLIPConfig(**{k: cfg[k] for k in ("text_config", "vision_config", "projection_dim")}))
+    if text_tower:
+        clip.save_pretrained(path)
+    else:  # only the vision tower: no head of its own
+        vision = CLIPVisionModel(clip.config.vision_config)
+        vision.vision_model.load_state_dict(clip.vision_model.state_dict())
+        vision.save_pretrained(path)
+    CLIPProcessor.from_pretrained(pretrained).save_pretrained(path)
+    return path
+
+
+def teacher_entry(kind: str, path: Path, auto: str = "AutoModelForImageClassification") -> dict:
+    target = f"transformers.{auto}.from_pretrained" if kind == "resnet" else "transformers.CLIPVisionModel.from_pretrained"
+    return {"_target_": target, "pretrained_model_name_or_path": str(path)}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Paths of the tiny mixed pool (built once for the module)."""
+    root = tmp_path_factory.mktemp("tiny_mixed")
+    paths = build_tiny_clip(root, tasks=("mnist", "eurosat", "svhn"), n_images=16)
+    paths["teachers"] = {
+        "eurosat": resnet_teacher(root / "teacher_resnet"),
+        "svhn": wide_clip_teacher(root / "teacher_clip", paths["pretrained"]),
+    }
+    return paths
+
+
+def mixed_config(paths: dict, **model_overrides) -> dict:
+    cfg = pool_config(paths)
+    for task, kind in TEACHERS.items():
+        cfg["models"][task] = teacher_entry(kind, paths["teachers"][task])
+    cfg["models"].update(model_overrides)
+    return cfg
+
+
+def make_pool(cfg: dict):
+    return instantiate(DictConfig(cfg), _recursive_=False)
+
+
+def students_of(report: dict) -> dict:
+    from transformers import CLIPVisionModel
+
+    return {t: CLIPVisionModel.from_pretrained(r["student_path"]) for t, r in report["teachers"].items()}
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+# ------------------------------------------------------------------------------------------------
+# pure parts
+
+
+def test_losses_match_the_paper_formula():
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 10), torch.randn(5, 10)
+    y = torch.randint(0, 10, (5,))
+    kl = soft_distillation_loss(s, t, 4.0)
+    torch.testing.assert_close(label_free_loss(s, t, 4.0), kl)
+    manual = 16 * (torch.softmax(t / 4, -1) * (torch.log_softmax(t / 4, -1) - torch.log_softmax(s / 4, -1))).sum(-1).mean()
+    torch.testing.assert_close(kl, manual)
+    ce = torch.nn.functional.cross_entropy(s, y)
+    torch.testing.assert_close(supervised_loss(s, t, y, 4.0, 0.7), 0.7 * ce + 0.3 * kl)
+    torch.testing.assert_close(supervised_loss(s, t, y, 4.0, 0.0), kl)
+    assert float(label_free_loss(t, t, 4.0)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        label_free_loss(s, t[:, :7])
+
+
+def test_augmentation_is_shared_across_resolutions_and_seeded():
+    x32 = torch.randn(6, 3, 32, 32)
+    x64 = torch.nn.functional.interpolate(x32, scale_factor=2, mode="nearest")
+    p = sample_augmentation(6, "flip_crop", 0.125, torch.Generator().manual_seed(0))
+    q = sample_augmentation(6, "flip_crop", 0.125, torch.Generator().manual_seed(0))
+    assert torch.equal(p.flip, q.flip) and torch.equal(p.dx, q.dx)
+    a32, a64 = apply_augmentation(x32, p), apply_augmentation(x64, p)
+    assert a32.shape == x32.shape and a64.shape == x64.shape
+    # the same crop at both resolutions (offsets are fractions of the size; 64 px = 2x upsampled 32 px)
+    p_even = copy.deepcopy(p)
+    p_even.dx, p_even.dy = torch.round(p.dx * 32) / 32, torch.round(p.dy * 32) / 32
+    down = apply_augmentation(x64, p_even)[..., ::2, ::2]
+    torch.testing.assert_close(down, apply_augmentation(x32, p_even))
+    assert apply_augmentation(x32, sample_augmentation(6, "none", 0.1, torch.Generator())) is x32
+    with pytest.raises(ValueError, match="augmentation"):
+        sample_augmentation(2, "mixup", 0.1, torch.Generator())
+
+
+def test_batches_are_epoch_wise_permutations():
+    b = batch_indices(10, 4, 5, torch.Generator().manual_seed(0))
+    flat = torch.cat(b)
+    assert len(b) == 5 and sorted(flat[:10].tolist()) == list(range(10))
+
+
+def test_options_are_validated_naming_the_option():
+    with pytest.raises(ValueError, match="augmentation"):
+        DistillOptions(augmentation="mixup")
+    with pytest.raises(ValueError, match="alpha"):
+        DistillToBaseForCLIP(alpha=1.5)
+    with pytest.raises(ValueError, match="max_steps"):
+        HeteroStatsMergingForCLIP(distillation={"max_steps": 0})
+    assert "alpha" not in DistillOptions().key() and "alpha" in DistillOptions(use_labels=True).key()
+
+
+def test_cache_key_and_atomic_store(tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    k1 = student_cache_key({"task": "a", "w": 1}, {"x": 1}, {"lr": 1})
+    assert k1 == student_cache_key({"task": "a", "w": 1}, {"x": 1}, {"lr": 1}) and k1.startswith("a-")
+    assert k1 != student_cache_key({"task": "a", "w": 2}, {"x": 1}, {"lr": 1})
+    assert k1 != student_cache_key({"task": "a", "w": 1}, {"x": 1}, {"lr": 2})
+    model = CLIPVisionModel(CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=32, patch_size=16))
+    (tmp_path / k1).mkdir()
+    model.save_pretrained(tmp_path / k1)  # weights without a complete manifest: an interrupted write
+    assert cached_student(tmp_path, k1) is None
+    path = save_student(tmp_path, k1, model, {"note": "x"})
+    assert cached_student(tmp_path, k1) == path and read_json(path / "manifest.json")["complete"]
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_teacher_heads_and_logit_functions(mixed, tiny_pool):
+    from fusion_bench.tasks.clip_classification import get_classnames_and_templates
+    from transformers import AutoModelForImageClassification, CLIPModel, CLIPProcessor, CLIPVisionModel
+
+    pool = make_pool(mixed_config(mixed))
+    base = pool.load_pretrained_model()
+    assert same_architecture(parameter_shapes(base), parameter_shapes(pool.load_model("mnist")))
+    cn, tpl = get_classnames_and_templates("eurosat")
+    resnet = build_teacher("eurosat", pool.load_model("eurosat"), cn, tpl)
+    assert resnet.kind == "classifier" and resnet.num_classes == 10
+    x = torch.randn(3, 3, 32, 32)
+    ref = AutoModelForImageClassification.from_pretrained(mixed["teachers"]["eurosat"]).eval()
+    torch.testing.assert_close(resnet.logits(x), ref(pixel_values=x).logits)
+    cn, tpl = get_classnames_and_templates("svhn")
+    wide = pool.load_model("svhn")
+    assert not same_architecture(parameter_shapes(base), parameter_shapes(wide))
+    clip_teacher = build_teacher("svhn", wide, cn, tpl)
+    assert clip_teacher.kind == "clip" and clip_teacher.head.shape[0] == len(cn)
+    # the teacher's head is its own CLIP's zero-shot head, as FusionBench's classifier computes it
+    from fusion_bench.models.hf_clip import HFCLIPClassifier
+
+    clip = CLIPModel.from_pretrained(mixed["teachers"]["svhn"])
+    clf = HFCLIPClassifier(clip, CLIPProcessor.from_pretrained(mixed["teachers"]["svhn"]))
+    clf.set_classification_task(cn, tpl)
+    torch.testing.assert_close(clf(x), clip_teacher.logits(x), atol=1e-4, rtol=1e-4)
+    # student logits: the same computation as CLIPClassificationMixin.compute_logits
+    alg = DistillToBaseForCLIP()
+    alg.modelpool = pool
+    alg.setup_zero_shot_classification_head(task_names=["svhn"])
+    student = CLIPVisionModel.from_pretrained(mixed["pretrained"]).eval()
+    torch.testing.assert_close(
+        alg.compute_logits(student, x, "svhn"),
+        clip_head_logits(student, alg.visual_projection, alg.zeroshot_weights["svhn"], alg.logit_scale_exp, x),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# distillation through the FusionBench method
+
+
+def scrambled_labels_copy(mixed: dict, tmp_path: Path) -> dict:
+    """The same train images with every label wrong."""
+    paths = copy.deepcopy(mixed)
+    for task in TEACHERS:
+        ds = load_from_disk(str(mixed["data"][(task, "train")]))
+        wrong = ds.map(lambda ex: {"label": (ex["label"] + 1) % 10})
+        out = tmp_path / f"wrong_{task}"
+        wrong.save_to_disk(str(out))
+        paths["data"][(task, "train")] = out
+    return paths
+
+
+def test_label_free_never_reads_labels(mixed, tmp_path):
+    cfg = mixed_config(mixed)
+    wrong_cfg = mixed_config(scrambled_labels_copy(mixed, tmp_path))
+    a = DistillToBaseForCLIP(cache_dir=str(tmp_path / "c1"), **FAST)
+    b = DistillToBaseForCLIP(cache_dir=str(tmp_path / "c2"), **FAST)
+    _, ra = a.distill_pool(make_pool(cfg))
+    _, rb = b.distill_pool(make_pool(wrong_cfg))
+    assert set(ra["teachers"]) == set(TEACHERS) and ra["same_architecture"] == ["mnist"]
+    for task in TEACHERS:
+        assert not ra["teachers"][task]["cache_hit"] and not rb["teachers"][task]["cache_hit"]
+        # labels are not part of a label-free student's identity, and the students are bit-identical
+        assert ra["teachers"][task]["cache_key"] == rb["teachers"][task]["cache_key"]
+    sa, sb = students_of(ra), students_of(rb)
+    for task in TEACHERS:
+        assert_same_weights(sa[task], sb[task])
+        base = make_pool(cfg).load_pretrained_model()
+        assert any(not torch.equal(p, q) for p, q in zip(sa[task].parameters(), base.parameters()))
+
+
+def test_use_labels_trains_on_the_labels(mixed, tmp_path):
+    cfg = mixed_config(mixed)
+    wrong_cfg = mixed_config(scrambled_labels_copy(mixed, tmp_path))
+    opts = dict(FAST, use_labels=True, alpha=0.7)
+    _, ra = DistillToBaseForCLIP(cache_dir=str(tmp_path / "c1"), **opts).distill_pool(make_pool(cfg))
+    _, rb = DistillToBaseForCLIP(cache_dir=str(tmp_path / "c2"), **opts).distill_pool(make_pool(wrong_cfg))
+    _, rc = DistillToBaseForCLIP(cache_dir=str(tmp_path / "c1"), **FAST).distill_pool(make_pool(cfg))
+    sa, sb = students_of(ra), students_of(rb)
+    for task in TEACHERS:
+        assert ra["teachers"][task]["use_labels"] is True
+        assert ra["teachers"][task]["cache_key"] != rb["teachers"][task]["cache_key"]
+        assert ra["teachers"][task]["cache_key"] != rc["teachers"][task]["cache_key"]
+        assert any(not torch.equal(p, q) for p, q in zip(sa[task].parameters(), sb[task].parameters()))
+
+
+def test_student_cache_hit_and_invalidation(mixed, tmp_path):
+    cfg = mixed_config(mixed)
+    cache = tmp_path / "cache"
+    _, first = DistillToBaseForCLIP(cache_dir=str(cache), **FAST).distill_pool(make_pool(cfg))
+    _, again = DistillToBaseForCLIP(cache_dir=str(cache), **FAST).distill_pool(make_pool(cfg))
+    for task in TEACHERS:
+        assert not first["teachers"][task]["cache_hit"] and again["teachers"][task]["cache_hit"]
+        assert again["teachers"][task]["student_path"] == first["teachers"][task]["student_path"]
+    # another option -> another student
+    _, other = DistillToBaseForCLIP(cache_dir=str(cache), temperature=2.0, **FAST).distill_pool(make_pool(cfg))
+    assert all(not r["cache_hit"] for r in other["teachers"].values())
+    # another teacher (new weights at a new path) -> only that student is retrained
+    new_resnet = resnet_teacher(tmp_path / "resnet2", seed=7)
+    cfg2 = mixed_config(mixed, eurosat=teacher_entry("resnet", new_resnet))
+    _, changed = DistillToBaseForCLIP(cache_dir=str(cache), **FAST).distill_pool(make_pool(cfg2))
+    assert not changed["teachers"]["eurosat"]["cache_hit"] and changed["teachers"]["svhn"]["cache_hit"]
+    # a partial write (manifest missing) is never taken as complete: the student is retrained
+    svhn = Path(first["teachers"]["svhn"]["student_path"])
+    (svhn / "manifest.json").unlink()
+    _, redo = DistillToBaseForCLIP(cache_dir=str(cache), **FAST).distill_pool(make_pool(cfg))
+    assert not redo["teachers"]["svhn"]["cache_hit"] and redo["teachers"]["eurosat"]["cache_hit"]
+    assert (svhn / "manifest.json").is_file()
+
+
+def test_distill_to_base_writes_students_pool_yaml_and_report(mixed, tmp_path):
+    from fusion_bench.method import TaskArithmeticAlgorithm
+
+    out = tmp_path / "out"
+    alg = DistillToBaseForCLIP(cache_dir=str(tmp_path / "cache"), output_dir=str(out), max_steps=2, batch_size=8)
+    assert alg.run(make_pool(mixed_config(mixed))) is None
+    pool_cfg = yaml.safe_load((out / "modelpool" / "distilled.yaml").read_text())
+    assert list(pool_cfg["models"]) == ["_pretrained_", "mnist", "eurosat", "svhn"]
+    for task in TEACHERS:
+        assert Path(pool_cfg["models"][task]) == (out / "students" / task).resolve()
+    report = read_json(out / "report.json")
+    for task in TEACHERS:
+        r = report["teachers"][task]
+        assert 0 <= r["teacher_accuracy"] <= 1 and 0 <= r["student_accuracy"] <= 1
+    assert "| eurosat |" in (out / "report.md").read_text() and (out / "accuracy.png").stat().st_size > 1000
+    # any FusionBench method merges the written pool
+    merged = TaskArithmeticAlgorithm(scaling_factor=0.3).run(make_pool(pool_cfg))
+    assert merged.state_dict().keys() == make_pool(pool_cfg).load_pretrained_model().state_dict().keys()
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input: one clear error naming the culprit, before any work
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("no_pretrained", "no `_pretrained_`"),
+        ("headless_resnet", "teacher 'eurosat' .*no usable classification head"),
+        ("headless_clip", "teacher 'svhn' .*no usable head"),
+        ("class_count", "teacher 'eurosat': its head has 7 classes but task 'eurosat' has 10"),
+        ("no_processor", "teacher 'eurosat' .*processor"),
+    ],
+)
+def test_bad_input_fails_before_any_work(mixed, tmp_path, case, match):
+    cfg = mixed_config(mixed)
+    if case == "no_pretrained":
+        del cfg["models"]["_pretrained_"]
+    elif case == "headless_resnet":  # AutoModel gives the bare ResNetModel backbone
+        cfg["models"]["eurosat"] = teacher_entry("resnet", mixed["teachers"]["eurosat"], auto="AutoModel")
+    elif case == "headless_clip":
+        path = wide_clip_teacher(tmp_path / "vision_only", mixed["pretrained"], text_tower=False)
+        cfg["models"]["svhn"] = teacher_entry("clip", path)
+    elif case == "class_count":
+        cfg["models"]["eurosat"] = teacher_entry("resnet", resnet_teacher(tmp_path / "rn7", num_labels=7))
+    elif case == "no_processor":
+        path = tmp_path / "rn_no_proc"
+        shutil.copytree(mixed["teachers"]["eurosat"], path)
+        (path / "preprocessor_config.json").unlink()
+        cfg["models"]["eurosat"] = teacher_entry("resnet", path)
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match=match):
+        HeteroStatsMergingForCLIP(distillation=dict(FAST, cache_dir=str(cache))).run(make_pool(cfg))
+    assert not cache.exists() or not any(cache.iterdir())  # nothing was distilled
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_hetero_statsmerging_on_a_tiny_mixed_pool(mixed, tmp_path):
+    models = mixed_config(mixed)["models"]
+    config_dir = write_tiny_configs(mixed, tmp_path / "cfg", pool_overrides={"models": models})
+    # the tiny taskpool of conftest evaluates the three tasks
+    log_dir = tmp_path / "run"
+    run_fusion_bench(
+        [
+            "--config-dir", str(config_dir),
+            "method=statsmerging/clip_layer_wise_hetero", "modelpool=tiny", "taskpool=tiny",
+            f"method.distillation.cache_dir={tmp_path / 'cache'}", "method.distillation.batch_size=8",
+            "method.num_unlabelled_per_task=8", "method.hidden_dim=16",
+            "fabric.accelerator=cpu", "print_config=false", "fast_dev_run=true",
+        ],
+        cwd=tmp_path,
+        log_dir=log_dir,
+    )
+    report = read_json(log_dir / "program_report.json")
+    assert {"mnist", "eurosat", "svhn"} <= set(report)
+    hetero = read_json(log_dir / "hetero" / "report.json")
+    assert set(hetero["teachers"]) == set(TEACHERS) and hetero["fast_dev_run"] is True
+    assert all(r["steps"] == 1 for r in hetero["teachers"].values())
+    summary = read_json(log_dir / "statsmerging" / "summary.json")
+    assert sorted(summary["tasks"]) == ["eurosat", "mnist", "svhn"] and summary["steps"] == 1
