@@ -18,7 +18,7 @@ class Recipe:
     """All knobs of a build. Sizes are images per class; steps are optimizer steps."""
 
     # data
-    n_pretrain: int = 200
+    n_pretrain: int = 100
     n_train: int = 200
     n_val: int = 20
     n_test: int = 50
@@ -26,19 +26,19 @@ class Recipe:
     patch_size: int = 8
     vision_width: int = 128
     vision_layers: int = 4
-    text_width: int = 128
-    text_layers: int = 2
+    text_width: int = 64
+    text_layers: int = 1
     heads: int = 4
     projection_dim: int = 64
     # contrastive pretraining of the whole CLIP
-    pretrain_steps: int = 800
-    pretrain_batch: int = 256
+    pretrain_steps: int = 500
+    pretrain_batch: int = 128
     pretrain_lr: float = 1e-3
     pretrain_wd: float = 0.1
     pair_frac: float = 0.6  # fraction of (2k, 2k+1) class pairs whose captions are blurred
     # fine-tuning of the vision tower against the frozen zero-shot head
-    ft_steps: int = 300
-    ft_batch: int = 64
+    ft_steps: int = 200
+    ft_batch: int = 32
     ft_lr: float = 2e-4
     ft_wd: float = 0.0
     # evaluation through FusionBench written into the manifest
@@ -80,13 +80,14 @@ def get_recipe(preset: str) -> Recipe:
     return PRESETS[preset]
 
 
+# modules whose code determines the data and weights of a build
+CONTENT_MODULES = ("build.py", "data.py", "recipe.py", "tasks.py", "tokenizer.py", "train.py")
+
+
 def source_digest() -> str:
-    """Hash of the code and assets that determine the build's content."""
+    """Hash of the code and assets that determine the build's data and weights."""
     here = Path(__file__).parent
-    files = sorted(
-        [p for p in here.glob("*.py") if p.name not in {"__main__.py", "resolver.py"}]
-        + list((here / "assets").glob("*"))
-    )
+    files = [here / m for m in CONTENT_MODULES] + sorted((here / "assets").glob("*"))
     h = hashlib.sha256()
     for p in files:
         h.update(p.name.encode())
