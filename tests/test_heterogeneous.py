@@ -23,9 +23,19 @@ from omegaconf import DictConfig
 from tiny_clip import build_tiny_clip, pool_config
 
 from statsmerge_plugin.method.statsmerging.distillation import soft_distillation_loss
-from statsmerge_plugin.method.statsmerging.hetero import DistillToBaseForCLIP, HeteroStatsMergingForCLIP
-from statsmerge_plugin.method.statsmerging.hetero.augment import apply_augmentation, sample_augmentation
-from statsmerge_plugin.method.statsmerging.hetero.cache import cached_student, save_student, student_cache_key
+from statsmerge_plugin.method.statsmerging.hetero import (
+    DistillToBaseForCLIP,
+    HeteroStatsMergingForCLIP,
+)
+from statsmerge_plugin.method.statsmerging.hetero.augment import (
+    apply_augmentation,
+    sample_augmentation,
+)
+from statsmerge_plugin.method.statsmerging.hetero.cache import (
+    cached_student,
+    save_student,
+    student_cache_key,
+)
 from statsmerge_plugin.method.statsmerging.hetero.distill import DistillOptions, batch_indices
 from statsmerge_plugin.method.statsmerging.hetero.losses import label_free_loss, supervised_loss
 from statsmerge_plugin.method.statsmerging.hetero.teachers import (
@@ -44,7 +54,11 @@ def resnet_teacher(path: Path, num_labels: int = 10, seed: int = 1) -> Path:
 
     torch.manual_seed(seed)
     config = ResNetConfig(
-        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+        num_channels=3,
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        layer_type="basic",
         num_labels=num_labels,
     )
     ResNetForImageClassification(config).save_pretrained(path)
@@ -58,7 +72,9 @@ def wide_clip_teacher(path: Path, pretrained: Path, seed: int = 2, text_tower: b
     torch.manual_seed(seed)
     cfg = CLIPModel.from_pretrained(pretrained).config.to_dict()
     cfg["vision_config"].update(hidden_size=48, intermediate_size=96)
-    clip = CLIPModel(CLIPConfig(**{k: cfg[k] for k in ("text_config", "vision_config", "projection_dim")}))
+    clip = CLIPModel(
+        CLIPConfig(**{k: cfg[k] for k in ("text_config", "vision_config", "projection_dim")})
+    )
     if text_tower:
         clip.save_pretrained(path)
     else:  # only the vision tower: no head of its own
@@ -70,7 +86,11 @@ def wide_clip_teacher(path: Path, pretrained: Path, seed: int = 2, text_tower: b
 
 
 def teacher_entry(kind: str, path: Path, auto: str = "AutoModelForImageClassification") -> dict:
-    target = f"transformers.{auto}.from_pretrained" if kind == "resnet" else "transformers.CLIPVisionModel.from_pretrained"
+    target = (
+        f"transformers.{auto}.from_pretrained"
+        if kind == "resnet"
+        else "transformers.CLIPVisionModel.from_pretrained"
+    )
     return {"_target_": target, "pretrained_model_name_or_path": str(path)}
 
 
@@ -101,7 +121,9 @@ def make_pool(cfg: dict):
 def students_of(report: dict) -> dict:
     from transformers import CLIPVisionModel
 
-    return {t: CLIPVisionModel.from_pretrained(r["student_path"]) for t, r in report["teachers"].items()}
+    return {
+        t: CLIPVisionModel.from_pretrained(r["student_path"]) for t, r in report["teachers"].items()
+    }
 
 
 def assert_same_weights(a, b):
@@ -121,7 +143,12 @@ def test_losses_match_the_paper_formula():
     y = torch.randint(0, 10, (5,))
     kl = soft_distillation_loss(s, t, 4.0)
     torch.testing.assert_close(label_free_loss(s, t, 4.0), kl)
-    manual = 16 * (torch.softmax(t / 4, -1) * (torch.log_softmax(t / 4, -1) - torch.log_softmax(s / 4, -1))).sum(-1).mean()
+    manual = (
+        16
+        * (torch.softmax(t / 4, -1) * (torch.log_softmax(t / 4, -1) - torch.log_softmax(s / 4, -1)))
+        .sum(-1)
+        .mean()
+    )
     torch.testing.assert_close(kl, manual)
     ce = torch.nn.functional.cross_entropy(s, y)
     torch.testing.assert_close(supervised_loss(s, t, y, 4.0, 0.7), 0.7 * ce + 0.3 * kl)
@@ -162,20 +189,34 @@ def test_options_are_validated_naming_the_option():
         DistillToBaseForCLIP(alpha=1.5)
     with pytest.raises(ValueError, match="max_steps"):
         HeteroStatsMergingForCLIP(distillation={"max_steps": 0})
-    assert "alpha" not in DistillOptions().key() and "alpha" in DistillOptions(use_labels=True).key()
+    assert (
+        "alpha" not in DistillOptions().key() and "alpha" in DistillOptions(use_labels=True).key()
+    )
 
 
 def test_cache_key_and_atomic_store(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     k1 = student_cache_key({"task": "a", "w": 1}, {"x": 1}, {"lr": 1})
-    assert k1 == student_cache_key({"task": "a", "w": 1}, {"x": 1}, {"lr": 1}) and k1.startswith("a-")
+    assert k1 == student_cache_key({"task": "a", "w": 1}, {"x": 1}, {"lr": 1}) and k1.startswith(
+        "a-"
+    )
     assert k1 != student_cache_key({"task": "a", "w": 2}, {"x": 1}, {"lr": 1})
     assert k1 != student_cache_key({"task": "a", "w": 1}, {"x": 1}, {"lr": 2})
-    model = CLIPVisionModel(CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                             num_attention_heads=2, image_size=32, patch_size=16))
+    model = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        )
+    )
     (tmp_path / k1).mkdir()
-    model.save_pretrained(tmp_path / k1)  # weights without a complete manifest: an interrupted write
+    model.save_pretrained(
+        tmp_path / k1
+    )  # weights without a complete manifest: an interrupted write
     assert cached_student(tmp_path, k1) is None
     path = save_student(tmp_path, k1, model, {"note": "x"})
     assert cached_student(tmp_path, k1) == path and read_json(path / "manifest.json")["complete"]
@@ -184,7 +225,12 @@ def test_cache_key_and_atomic_store(tmp_path):
 
 def test_teacher_heads_and_logit_functions(mixed, tiny_pool):
     from fusion_bench.tasks.clip_classification import get_classnames_and_templates
-    from transformers import AutoModelForImageClassification, CLIPModel, CLIPProcessor, CLIPVisionModel
+    from transformers import (
+        AutoModelForImageClassification,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPVisionModel,
+    )
 
     pool = make_pool(mixed_config(mixed))
     base = pool.load_pretrained_model()
@@ -214,7 +260,9 @@ def test_teacher_heads_and_logit_functions(mixed, tiny_pool):
     student = CLIPVisionModel.from_pretrained(mixed["pretrained"]).eval()
     torch.testing.assert_close(
         alg.compute_logits(student, x, "svhn"),
-        clip_head_logits(student, alg.visual_projection, alg.zeroshot_weights["svhn"], alg.logit_scale_exp, x),
+        clip_head_logits(
+            student, alg.visual_projection, alg.zeroshot_weights["svhn"], alg.logit_scale_exp, x
+        ),
     )
 
 
@@ -257,15 +305,23 @@ def test_use_labels_trains_on_the_labels(mixed, tmp_path):
     cfg = mixed_config(mixed)
     wrong_cfg = mixed_config(scrambled_labels_copy(mixed, tmp_path))
     opts = dict(FAST, use_labels=True, alpha=0.7)
-    _, ra = DistillToBaseForCLIP(cache_dir=str(tmp_path / "c1"), **opts).distill_pool(make_pool(cfg))
-    _, rb = DistillToBaseForCLIP(cache_dir=str(tmp_path / "c2"), **opts).distill_pool(make_pool(wrong_cfg))
-    _, rc = DistillToBaseForCLIP(cache_dir=str(tmp_path / "c1"), **FAST).distill_pool(make_pool(cfg))
+    _, ra = DistillToBaseForCLIP(cache_dir=str(tmp_path / "c1"), **opts).distill_pool(
+        make_pool(cfg)
+    )
+    _, rb = DistillToBaseForCLIP(cache_dir=str(tmp_path / "c2"), **opts).distill_pool(
+        make_pool(wrong_cfg)
+    )
+    _, rc = DistillToBaseForCLIP(cache_dir=str(tmp_path / "c1"), **FAST).distill_pool(
+        make_pool(cfg)
+    )
     sa, sb = students_of(ra), students_of(rb)
     for task in TEACHERS:
         assert ra["teachers"][task]["use_labels"] is True
         assert ra["teachers"][task]["cache_key"] != rb["teachers"][task]["cache_key"]
         assert ra["teachers"][task]["cache_key"] != rc["teachers"][task]["cache_key"]
-        assert any(not torch.equal(p, q) for p, q in zip(sa[task].parameters(), sb[task].parameters()))
+        assert any(
+            not torch.equal(p, q) for p, q in zip(sa[task].parameters(), sb[task].parameters())
+        )
 
 
 def test_student_cache_hit_and_invalidation(mixed, tmp_path):
@@ -277,13 +333,17 @@ def test_student_cache_hit_and_invalidation(mixed, tmp_path):
         assert not first["teachers"][task]["cache_hit"] and again["teachers"][task]["cache_hit"]
         assert again["teachers"][task]["student_path"] == first["teachers"][task]["student_path"]
     # another option -> another student
-    _, other = DistillToBaseForCLIP(cache_dir=str(cache), temperature=2.0, **FAST).distill_pool(make_pool(cfg))
+    _, other = DistillToBaseForCLIP(cache_dir=str(cache), temperature=2.0, **FAST).distill_pool(
+        make_pool(cfg)
+    )
     assert all(not r["cache_hit"] for r in other["teachers"].values())
     # another teacher (new weights at a new path) -> only that student is retrained
     new_resnet = resnet_teacher(tmp_path / "resnet2", seed=7)
     cfg2 = mixed_config(mixed, eurosat=teacher_entry("resnet", new_resnet))
     _, changed = DistillToBaseForCLIP(cache_dir=str(cache), **FAST).distill_pool(make_pool(cfg2))
-    assert not changed["teachers"]["eurosat"]["cache_hit"] and changed["teachers"]["svhn"]["cache_hit"]
+    assert (
+        not changed["teachers"]["eurosat"]["cache_hit"] and changed["teachers"]["svhn"]["cache_hit"]
+    )
     # a partial write (manifest missing) is never taken as complete: the student is retrained
     svhn = Path(first["teachers"]["svhn"]["student_path"])
     (svhn / "manifest.json").unlink()
@@ -296,7 +356,9 @@ def test_distill_to_base_writes_students_pool_yaml_and_report(mixed, tmp_path):
     from fusion_bench.method import TaskArithmeticAlgorithm
 
     out = tmp_path / "out"
-    alg = DistillToBaseForCLIP(cache_dir=str(tmp_path / "cache"), output_dir=str(out), max_steps=2, batch_size=8)
+    alg = DistillToBaseForCLIP(
+        cache_dir=str(tmp_path / "cache"), output_dir=str(out), max_steps=2, batch_size=8
+    )
     assert alg.run(make_pool(mixed_config(mixed))) is None
     pool_cfg = yaml.safe_load((out / "modelpool" / "distilled.yaml").read_text())
     assert list(pool_cfg["models"]) == ["_pretrained_", "mnist", "eurosat", "svhn"]
@@ -306,10 +368,16 @@ def test_distill_to_base_writes_students_pool_yaml_and_report(mixed, tmp_path):
     for task in TEACHERS:
         r = report["teachers"][task]
         assert 0 <= r["teacher_accuracy"] <= 1 and 0 <= r["student_accuracy"] <= 1
-    assert "| eurosat |" in (out / "report.md").read_text() and (out / "accuracy.png").stat().st_size > 1000
+    assert (
+        "| eurosat |" in (out / "report.md").read_text()
+        and (out / "accuracy.png").stat().st_size > 1000
+    )
     # any FusionBench method merges the written pool
     merged = TaskArithmeticAlgorithm(scaling_factor=0.3).run(make_pool(pool_cfg))
-    assert merged.state_dict().keys() == make_pool(pool_cfg).load_pretrained_model().state_dict().keys()
+    assert (
+        merged.state_dict().keys()
+        == make_pool(pool_cfg).load_pretrained_model().state_dict().keys()
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,12 +399,16 @@ def test_bad_input_fails_before_any_work(mixed, tmp_path, case, match):
     if case == "no_pretrained":
         del cfg["models"]["_pretrained_"]
     elif case == "headless_resnet":  # AutoModel gives the bare ResNetModel backbone
-        cfg["models"]["eurosat"] = teacher_entry("resnet", mixed["teachers"]["eurosat"], auto="AutoModel")
+        cfg["models"]["eurosat"] = teacher_entry(
+            "resnet", mixed["teachers"]["eurosat"], auto="AutoModel"
+        )
     elif case == "headless_clip":
         path = wide_clip_teacher(tmp_path / "vision_only", mixed["pretrained"], text_tower=False)
         cfg["models"]["svhn"] = teacher_entry("clip", path)
     elif case == "class_count":
-        cfg["models"]["eurosat"] = teacher_entry("resnet", resnet_teacher(tmp_path / "rn7", num_labels=7))
+        cfg["models"]["eurosat"] = teacher_entry(
+            "resnet", resnet_teacher(tmp_path / "rn7", num_labels=7)
+        )
     elif case == "no_processor":
         path = tmp_path / "rn_no_proc"
         shutil.copytree(mixed["teachers"]["eurosat"], path)
@@ -359,11 +431,18 @@ def test_cli_hetero_statsmerging_on_a_tiny_mixed_pool(mixed, tmp_path):
     log_dir = tmp_path / "run"
     run_fusion_bench(
         [
-            "--config-dir", str(config_dir),
-            "method=statsmerging/clip_layer_wise_hetero", "modelpool=tiny", "taskpool=tiny",
-            f"method.distillation.cache_dir={tmp_path / 'cache'}", "method.distillation.batch_size=8",
-            "method.num_unlabelled_per_task=8", "method.hidden_dim=16",
-            "fabric.accelerator=cpu", "print_config=false", "fast_dev_run=true",
+            "--config-dir",
+            str(config_dir),
+            "method=statsmerging/clip_layer_wise_hetero",
+            "modelpool=tiny",
+            "taskpool=tiny",
+            f"method.distillation.cache_dir={tmp_path / 'cache'}",
+            "method.distillation.batch_size=8",
+            "method.num_unlabelled_per_task=8",
+            "method.hidden_dim=16",
+            "fabric.accelerator=cpu",
+            "print_config=false",
+            "fast_dev_run=true",
         ],
         cwd=tmp_path,
         log_dir=log_dir,

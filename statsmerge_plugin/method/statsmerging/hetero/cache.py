@@ -63,11 +63,15 @@ def module_digest(module: nn.Module) -> str:
     return state_digest(module.state_dict())
 
 
-def student_cache_key(teacher: Mapping[str, Any], data: Mapping[str, Any], options: Mapping[str, Any]) -> str:
+def student_cache_key(
+    teacher: Mapping[str, Any], data: Mapping[str, Any], options: Mapping[str, Any]
+) -> str:
     """Directory name of a student: ``<task>-<16 hex digits>``."""
     payload = {"format": CACHE_FORMAT, "teacher": teacher, "data": data, "options": options}
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-    task = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(teacher.get("task", "student")))
+    task = "".join(
+        c if c.isalnum() or c in "-_." else "_" for c in str(teacher.get("task", "student"))
+    )
     return f"{task}-{digest[:16]}"
 
 
@@ -77,7 +81,9 @@ def cached_student(cache_dir: Path, key: str) -> Optional[Path]:
     return path if read_manifest(path) is not None else None
 
 
-def save_student(cache_dir: Path, key: str, student: nn.Module, manifest: Mapping[str, Any]) -> Path:
+def save_student(
+    cache_dir: Path, key: str, student: nn.Module, manifest: Mapping[str, Any]
+) -> Path:
     """Atomically store ``student`` (``save_pretrained``) with its manifest; returns its path."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +92,9 @@ def save_student(cache_dir: Path, key: str, student: nn.Module, manifest: Mappin
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         student.save_pretrained(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(dict(manifest, key=key, complete=True), indent=2, default=str))
+        (tmp / MANIFEST).write_text(
+            json.dumps(dict(manifest, key=key, complete=True), indent=2, default=str)
+        )
         if target.exists():  # an incomplete leftover (a complete one is a hit and never rewritten)
             trash = cache_dir / f".trash-{key}-{os.getpid()}"
             os.replace(target, trash)

@@ -33,9 +33,20 @@ LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 
 def fusion_bench(args: List[str], log_dir: Path, cwd: Path) -> float:
     """Run the CLI; returns its wall time (s). Output goes to ``<log_dir>.log``."""
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "fusion_bench", *args, "fabric.accelerator=cpu", "print_config=false",
-           f"path.log_dir={log_dir}"]
+    env = os.environ | {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "fusion_bench",
+        *args,
+        "fabric.accelerator=cpu",
+        "print_config=false",
+        f"path.log_dir={log_dir}",
+    ]
     print("$", " ".join(cmd[2:]), file=sys.stderr, flush=True)
     start = time.time()
     with open(f"{log_dir}.log", "w") as out:
@@ -66,19 +77,31 @@ def table(rows: Dict[str, Dict[str, float]], tasks: List[str]) -> str:
     for name, accs in rows.items():
         cells = ["–" if accs.get(t) is None else f"{100 * accs[t]:.1f}" for t in tasks]
         avg = accs.get("average")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'–' if avg is None else f'**{100 * avg:.1f}**'} |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {'–' if avg is None else f'**{100 * avg:.1f}**'} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default="outputs/hetero_compare", help="work directory")
-    parser.add_argument("--doc", default=None, help="markdown file whose results block is rewritten")
-    parser.add_argument("--override", action="append", default=[], help="extra override of the hetero run")
+    parser.add_argument(
+        "--doc", default=None, help="markdown file whose results block is rewritten"
+    )
+    parser.add_argument(
+        "--override", action="append", default=[], help="extra override of the hetero run"
+    )
     args = parser.parse_args(argv)
 
     import torch
-    from fusion_bench.method import SimpleAverageAlgorithm, TaskArithmeticAlgorithm, TiesMergingAlgorithm
+    from fusion_bench.method import (
+        SimpleAverageAlgorithm,
+        TaskArithmeticAlgorithm,
+        TiesMergingAlgorithm,
+    )
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -95,11 +118,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     t = time.time()
     hetero_build = ensure_hetero_built(root)
     build_seconds = round(time.time() - t, 1)
-    pool_args = ["modelpool=CLIPVisionModelPool/mini-clip_TA8_hetero", "taskpool=CLIPVisionModelTaskPool/mini-clip_TA8"]
+    pool_args = [
+        "modelpool=CLIPVisionModelPool/mini-clip_TA8_hetero",
+        "taskpool=CLIPVisionModelTaskPool/mini-clip_TA8",
+    ]
     run = work / "statsmerging_hetero"
     seconds = fusion_bench(
-        ["method=statsmerging/clip_layer_wise_hetero", *pool_args, f"method.distillation.cache_dir={cache}",
-         *args.override],
+        [
+            "method=statsmerging/clip_layer_wise_hetero",
+            *pool_args,
+            f"method.distillation.cache_dir={cache}",
+            *args.override,
+        ],
         run,
         work,
     )
@@ -107,9 +137,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     hetero = json.loads(next(iter(sorted(run.glob("hetero*/report.json")))).read_text())
     distilled = work / "distill_to_base"
     distill_seconds = fusion_bench(
-        ["method=statsmerging/distill_to_base", *pool_args, f"method.cache_dir={cache}",
-         f"method.output_dir={distilled / 'out'}"] + [o.replace("method.distillation.", "method.") for o in args.override
-                                                    if o.startswith("method.distillation.")],
+        [
+            "method=statsmerging/distill_to_base",
+            *pool_args,
+            f"method.cache_dir={cache}",
+            f"method.output_dir={distilled / 'out'}",
+        ]
+        + [
+            o.replace("method.distillation.", "method.")
+            for o in args.override
+            if o.startswith("method.distillation.")
+        ],
         distilled,
         work,
     )
@@ -133,23 +171,40 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows["individual (teachers: own architecture and head)"] = individual | {
         "average": round(sum(individual.values()) / len(tasks), 4)
     }
-    students = {t: (accuracies(test_pool.evaluate(p.load_model(t)), tasks)[t] if t in hetero["teachers"] else None)
-                for t in tasks}
+    students = {
+        t: (
+            accuracies(test_pool.evaluate(p.load_model(t)), tasks)[t]
+            if t in hetero["teachers"]
+            else None
+        )
+        for t in tasks
+    }
     rows["distilled students (label-free)"] = students
-    rows["`_pretrained_` (zero-shot)"] = accuracies(test_pool.evaluate(p.load_pretrained_model()), tasks)
-    rows["simple average"] = accuracies(test_pool.evaluate(SimpleAverageAlgorithm().run(pool())), tasks)
+    rows["`_pretrained_` (zero-shot)"] = accuracies(
+        test_pool.evaluate(p.load_pretrained_model()), tasks
+    )
+    rows["simple average"] = accuracies(
+        test_pool.evaluate(SimpleAverageAlgorithm().run(pool())), tasks
+    )
     rows["task arithmetic (λ=0.3, FusionBench default)"] = accuracies(
         test_pool.evaluate(TaskArithmeticAlgorithm(scaling_factor=0.3).run(pool())), tasks
     )
     lam_ta, val_ta, acc = select_on_val(
-        lambda lam: TaskArithmeticAlgorithm(scaling_factor=lam).run(pool()), val_pool, test_pool, tasks
+        lambda lam: TaskArithmeticAlgorithm(scaling_factor=lam).run(pool()),
+        val_pool,
+        test_pool,
+        tasks,
     )
     rows[f"task arithmetic (λ={lam_ta} selected on val)"] = acc
 
     def ties(lam):
-        return TiesMergingAlgorithm(scaling_factor=lam, threshold=20, remove_keys=[], merge_func="sum").run(pool())
+        return TiesMergingAlgorithm(
+            scaling_factor=lam, threshold=20, remove_keys=[], merge_func="sum"
+        ).run(pool())
 
-    rows["TIES (λ=0.3, k=20, FusionBench default)"] = accuracies(test_pool.evaluate(ties(0.3)), tasks)
+    rows["TIES (λ=0.3, k=20, FusionBench default)"] = accuracies(
+        test_pool.evaluate(ties(0.3)), tasks
+    )
     lam_ties, val_ties, acc = select_on_val(ties, val_pool, test_pool, tasks)
     rows[f"TIES (λ={lam_ties} selected on val)"] = acc
     rows["**StatsMerging LW** (distil + merge, one run)"] = accuracies(sm_report, tasks)
@@ -198,7 +253,13 @@ def render(result: dict) -> str:
             f"| {t} | {r['teacher_class']} | {100 * r['teacher_accuracy']:.1f} | {100 * r['student_accuracy']:.1f} | "
             f"{100 * r['student_over_teacher']:.1f}% | {100 * r['pretrained_accuracy']:.1f} | {r['distill_seconds']} |"
         )
-    lines += ["", "Merged models (test accuracy, %; FusionBench task pool):", "", table(result["rows"], tasks), ""]
+    lines += [
+        "",
+        "Merged models (test accuracy, %; FusionBench task pool):",
+        "",
+        table(result["rows"], tasks),
+        "",
+    ]
     sel = result["val_selection"]
     lines.append(
         "λ grid (val-split average accuracy): task arithmetic "

@@ -57,9 +57,13 @@ class DistillOptions:
     def __post_init__(self):
         check_positive("temperature", self.temperature)
         if not 0.0 <= float(self.alpha) <= 1.0:
-            raise ValueError(f"invalid value {self.alpha!r} for option `alpha`: expected 0 <= alpha <= 1")
+            raise ValueError(
+                f"invalid value {self.alpha!r} for option `alpha`: expected 0 <= alpha <= 1"
+            )
         if not isinstance(self.use_labels, bool):
-            raise ValueError(f"invalid value {self.use_labels!r} for option `use_labels`: expected a bool")
+            raise ValueError(
+                f"invalid value {self.use_labels!r} for option `use_labels`: expected a bool"
+            )
         check_int("max_steps", self.max_steps)
         check_int("batch_size", self.batch_size)
         check_int("seed", self.seed, minimum=0)
@@ -87,7 +91,9 @@ def warmup_cosine(step: int, total: int, warmup_fraction: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def batch_indices(n: int, batch_size: int, steps: int, generator: torch.Generator) -> List[torch.Tensor]:
+def batch_indices(
+    n: int, batch_size: int, steps: int, generator: torch.Generator
+) -> List[torch.Tensor]:
     """``steps`` batches from successive random permutations of ``range(n)`` (epoch-wise sampling)."""
     batch_size = min(batch_size, n)
     order: List[torch.Tensor] = []
@@ -145,7 +151,9 @@ def distill(
     losses: List[float] = []
     bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
     for idx in bar:
-        params_ = sample_augmentation(len(idx), options.augmentation, options.crop_fraction, generator)
+        params_ = sample_augmentation(
+            len(idx), options.augmentation, options.crop_fraction, generator
+        )
         xs = apply_augmentation(student_pixels[idx], params_)
         if cached_teacher is not None:
             target = cached_teacher[idx]

@@ -40,7 +40,12 @@ from fusion_bench.modelpool import CLIPVisionModelPool
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from statsmerge_plugin.data import UnlabelledImages, held_out_indices, resolve_held_out_source, stack_images
+from statsmerge_plugin.data import (
+    UnlabelledImages,
+    held_out_indices,
+    resolve_held_out_source,
+    stack_images,
+)
 from statsmerge_plugin.validation import check_int, check_task_classnames
 
 from .cache import (
@@ -154,7 +159,9 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
             check_int("num_train_images", num_train_images)
         check_int("eval_batch_size", eval_batch_size)
         if teachers is not None and not isinstance(plain(teachers), dict):
-            raise ValueError("option `teachers` must map task names to {processor, clip_model} overrides")
+            raise ValueError(
+                "option `teachers` must map task names to {processor, clip_model} overrides"
+            )
 
     def distill_options(self) -> DistillOptions:
         return DistillOptions(
@@ -175,7 +182,11 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
     def run(self, modelpool: CLIPVisionModelPool):
         if self.output_dir is None and self.log_dir is None:
             raise ValueError("distill_to_base needs `output_dir` (there is no log directory)")
-        out = Path(self.output_dir if self.output_dir is not None else Path(self.log_dir) / "distill_to_base")
+        out = Path(
+            self.output_dir
+            if self.output_dir is not None
+            else Path(self.log_dir) / "distill_to_base"
+        )
         student_pool, report = self.distill_pool(modelpool)
         if self.fabric.is_global_zero:
             self.write_outputs(out, modelpool, student_pool, report)
@@ -192,7 +203,9 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         self.modelpool = modelpool
         plan = self.inspect_pool(modelpool)
         if not plan.teachers:
-            log.warning("heterogeneous merging: every task model has the target architecture, nothing to distil")
+            log.warning(
+                "heterogeneous merging: every task model has the target architecture, nothing to distil"
+            )
         teacher_tasks = list(plan.teachers)
         students: Dict[str, Path] = {}
         records: Dict[str, Dict] = {}
@@ -203,7 +216,9 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
                 base = modelpool.load_pretrained_model()
                 base_id = module_digest(base)
                 del base
-            for task in tqdm(teacher_tasks, "distil teachers", disable=not self.fabric.is_global_zero):
+            for task in tqdm(
+                teacher_tasks, "distil teachers", disable=not self.fabric.is_global_zero
+            ):
                 students[task], records[task], losses[task] = self.distill_teacher(
                     modelpool, plan.teachers[task], base_id
                 )
@@ -257,14 +272,18 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
                 )
             check_task_classnames(tasks)
             base_shapes = parameter_shapes(base)
-            plan = PoolPlan(target=f"{type(base).__name__}, {len(base_shapes)} tensors", tasks=tasks)
+            plan = PoolPlan(
+                target=f"{type(base).__name__}, {len(base_shapes)} tensors", tasks=tasks
+            )
             del base
             for task in tasks:
                 model = modelpool.load_model(task)
                 if same_architecture(base_shapes, parameter_shapes(model)):
                     plan.same_architecture.append(task)
                     if task in overrides:
-                        raise ValueError(f"option `teachers.{task}`: {task!r} is not a teacher (same architecture)")
+                        raise ValueError(
+                            f"option `teachers.{task}`: {task!r} is not a teacher (same architecture)"
+                        )
                     continue
                 classnames, templates = get_classnames_and_templates(task)
                 plan.teachers[task] = build_teacher(
@@ -275,8 +294,12 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
                     override=overrides.get(task),
                     config=plain(modelpool.get_model_config(task)),
                 )
-                resolve_held_out_source(modelpool, task, "train")  # a train split, and not the test one
-                log.info(f"task {task!r}: teacher ({plan.teachers[task].kind}, {type(model).__name__})")
+                resolve_held_out_source(
+                    modelpool, task, "train"
+                )  # a train split, and not the test one
+                log.info(
+                    f"task {task!r}: teacher ({plan.teachers[task].kind}, {type(model).__name__})"
+                )
         return plan
 
     def resolved_cache_dir(self) -> Path:
@@ -293,8 +316,12 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         with self.profile("load train images"):
             train = modelpool.load_train_dataset(task)
             indices = held_out_indices(len(train), self.num_train_images, self.seed, task, "train")
-            student_view = self.to_device(stack_images(UnlabelledImages(train, self.clip_processor, indices)))
-            teacher_view = self.to_device(stack_images(UnlabelledImages(train, teacher.processor, indices)))
+            student_view = self.to_device(
+                stack_images(UnlabelledImages(train, self.clip_processor, indices))
+            )
+            teacher_view = self.to_device(
+                stack_images(UnlabelledImages(train, teacher.processor, indices))
+            )
             labels = read_labels(train, indices) if options.use_labels else None
         head = self.zeroshot_weights[task]
         key = student_cache_key(
@@ -316,7 +343,9 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
             | {
                 "steps": self.steps(),
                 "student_init": base_id,
-                "student_head": tensor_digest(head, self.visual_projection.weight, self.logit_scale_exp),
+                "student_head": tensor_digest(
+                    head, self.visual_projection.weight, self.logit_scale_exp
+                ),
                 "student_processor": processor_identity(self.clip_processor),
             },
         )
@@ -365,7 +394,9 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
                 student.cpu(),
                 {
                     "task": task,
-                    "teacher": {k: record[k] for k in ("teacher_kind", "teacher_class", "teacher_source")},
+                    "teacher": {
+                        k: record[k] for k in ("teacher_kind", "teacher_class", "teacher_source")
+                    },
                     "options": options.key(),
                     "steps": self.steps(),
                     "num_train_images": len(indices),
@@ -385,7 +416,9 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
 
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, modelpool, plan: PoolPlan, students: Dict[str, Path], records: Dict[str, Dict]):
+    def evaluate(
+        self, modelpool, plan: PoolPlan, students: Dict[str, Path], records: Dict[str, Dict]
+    ):
         """Test accuracy of teacher, student and ``_pretrained_`` per teacher task (report only)."""
         from transformers import CLIPVisionModel
 
@@ -395,7 +428,9 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         for task, teacher in plan.teachers.items():
             record = records[task]
             if task not in modelpool.test_dataset_names:
-                record.update(teacher_accuracy=None, student_accuracy=None, pretrained_accuracy=None)
+                record.update(
+                    teacher_accuracy=None, student_accuracy=None, pretrained_accuracy=None
+                )
                 log.warning(f"task {task!r}: no test dataset in the pool, accuracies not reported")
                 continue
             test = modelpool.load_test_dataset(task)
@@ -407,18 +442,26 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
 
             kw = dict(batch_size=self.eval_batch_size, device=device, max_batches=max_batches)
             record["teacher_accuracy"] = accuracy(teacher.logits, test, teacher.processor, **kw)
-            record["student_accuracy"] = accuracy(zero_shot(student), test, self.clip_processor, **kw)
-            record["pretrained_accuracy"] = accuracy(zero_shot(base), test, self.clip_processor, **kw)
+            record["student_accuracy"] = accuracy(
+                zero_shot(student), test, self.clip_processor, **kw
+            )
+            record["pretrained_accuracy"] = accuracy(
+                zero_shot(base), test, self.clip_processor, **kw
+            )
             t = record["teacher_accuracy"]
             record["student_over_teacher"] = record["student_accuracy"] / t if t else None
             del student
 
     # ------------------------------------------------------------------------------------------------
-    def student_pool(self, modelpool, plan: PoolPlan, students: Dict[str, Path]) -> CLIPVisionModelPool:
+    def student_pool(
+        self, modelpool, plan: PoolPlan, students: Dict[str, Path]
+    ) -> CLIPVisionModelPool:
         """The pool to merge: ``_pretrained_``, same-architecture entries, students (in task order)."""
         models = {"_pretrained_": plain(modelpool.get_model_config("_pretrained_"))}
         for task in plan.tasks:
-            models[task] = str(students[task]) if task in students else plain(modelpool.get_model_config(task))
+            models[task] = (
+                str(students[task]) if task in students else plain(modelpool.get_model_config(task))
+            )
         datasets = {
             f"{split}_datasets": (
                 DictConfig(plain(getattr(modelpool, f"_{split}_datasets")))
@@ -434,7 +477,9 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
             **datasets,
         )
 
-    def write_outputs(self, out: Path, modelpool, student_pool: CLIPVisionModelPool, report: Dict) -> Path:
+    def write_outputs(
+        self, out: Path, modelpool, student_pool: CLIPVisionModelPool, report: Dict
+    ) -> Path:
         """Students (copied from the cache), ``modelpool/<pool_name>.yaml`` and the report into ``out``."""
         out = Path(out)
         (out / "modelpool").mkdir(parents=True, exist_ok=True)
@@ -466,7 +511,9 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         (out / "modelpool" / f"{self.pool_name}.yaml").write_text(
             header + yaml.safe_dump(pool, sort_keys=False)
         )
-        report = dict(report, modelpool_yaml=str((out / "modelpool" / f"{self.pool_name}.yaml").resolve()))
+        report = dict(
+            report, modelpool_yaml=str((out / "modelpool" / f"{self.pool_name}.yaml").resolve())
+        )
         write_report(out, report, getattr(self, "_loss_curves", {}))
         log.info(f"distill_to_base: students, pool config and report written to {out}")
         return out

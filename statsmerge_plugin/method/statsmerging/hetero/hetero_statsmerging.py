@@ -45,7 +45,9 @@ class HeteroStatsMergingForCLIP(StatsMergingForCLIP):
         self.distillation = plain(distillation) or {}
         unused = {"output_dir", "pool_name"} & set(self.distillation)
         if unused:
-            raise ValueError(f"options `distillation.{sorted(unused)}` are only for method=distill_to_base")
+            raise ValueError(
+                f"options `distillation.{sorted(unused)}` are only for method=distill_to_base"
+            )
         self.distiller = DistillToBaseForCLIP(**self.distillation)  # validates the options now
 
     def run(self, modelpool: CLIPVisionModelPool):

@@ -158,7 +158,9 @@ def load_teacher(task: str, mini_root: Union[None, str, Path] = None, preset: Op
     teacher, the full ``CLIPModel`` with its text tower).
     """
     if task not in TEACHERS:
-        raise KeyError(f"the mini hetero benchmark has no teacher for {task!r}; teachers: {sorted(TEACHERS)}")
+        raise KeyError(
+            f"the mini hetero benchmark has no teacher for {task!r}; teachers: {sorted(TEACHERS)}"
+        )
     path = ensure_hetero_built(mini_root, preset) / "teachers" / task
     if TEACHERS[task] == "resnet":
         from transformers import AutoModelForImageClassification
@@ -180,7 +182,9 @@ def imagenet_pixels(images):
     return (x - mean) / std
 
 
-def train_resnet(out: Path, task: str, splits, recipe: HeteroRecipe, seed: int, progress: bool) -> dict:
+def train_resnet(
+    out: Path, task: str, splits, recipe: HeteroRecipe, seed: int, progress: bool
+) -> dict:
     """Fine-tune a tiny ``ResNetForImageClassification`` with labels on the train split; save it."""
     import torch
     import torch.nn.functional as F
@@ -206,7 +210,9 @@ def train_resnet(out: Path, task: str, splits, recipe: HeteroRecipe, seed: int, 
     )
     model = ResNetForImageClassification(config)
     processor = ViTImageProcessor(
-        size={"height": 32, "width": 32}, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)
+        size={"height": 32, "width": 32},
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
     )
     train, val = splits["train"], splits["val"]
     # the processor must give exactly the training pixels
@@ -214,18 +220,25 @@ def train_resnet(out: Path, task: str, splits, recipe: HeteroRecipe, seed: int, 
     assert torch.allclose(check["pixel_values"], imagenet_pixels(train.images[:4]), atol=1e-5)
     labels = torch.from_numpy(train.labels)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.resnet_lr, weight_decay=recipe.resnet_wd)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: mini_train.cosine_lr(s, recipe.resnet_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: mini_train.cosine_lr(s, recipe.resnet_steps)
+    )
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in tqdm(range(recipe.resnet_steps), desc=f"teacher {task} (ResNet)", disable=not progress):
+    for _ in tqdm(
+        range(recipe.resnet_steps), desc=f"teacher {task} (ResNet)", disable=not progress
+    ):
         idx = torch.randint(len(labels), (recipe.resnet_batch,), generator=gen)
-        loss = F.cross_entropy(model(pixel_values=imagenet_pixels(train.images[idx.numpy()])).logits, labels[idx])
+        loss = F.cross_entropy(
+            model(pixel_values=imagenet_pixels(train.images[idx.numpy()])).logits, labels[idx]
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
     model.eval()
     with torch.no_grad():
+
         def acc(split):
             pred = model(pixel_values=imagenet_pixels(split.images)).logits.argmax(-1).numpy()
             return round(float((pred == split.labels).mean()), 4)
@@ -233,7 +246,11 @@ def train_resnet(out: Path, task: str, splits, recipe: HeteroRecipe, seed: int, 
         accs = {"train": acc(train), "val": acc(val)}
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    return {"kind": "resnet", "params": sum(p.numel() for p in model.parameters()), "accuracy": accs}
+    return {
+        "kind": "resnet",
+        "params": sum(p.numel() for p in model.parameters()),
+        "accuracy": accs,
+    }
 
 
 def train_wide_clip(
@@ -261,9 +278,18 @@ def train_wide_clip(
     mini_train.pretrain(clip, processor.tokenizer, {task: pool}, r, seed, progress)
     head = mini_train.zero_shot_head(clip, processor, task)
     vision = mini_train.vision_tower(clip)
-    mini_train.finetune(vision, clip.visual_projection, head, splits["train"], r, seed, desc=f"teacher {task} (CLIP)")
+    mini_train.finetune(
+        vision,
+        clip.visual_projection,
+        head,
+        splits["train"],
+        r,
+        seed,
+        desc=f"teacher {task} (CLIP)",
+    )
     accs = {
-        s: round(mini_train.accuracy(vision, clip.visual_projection, head, splits[s]), 4) for s in ("train", "val")
+        s: round(mini_train.accuracy(vision, clip.visual_projection, head, splits[s]), 4)
+        for s in ("train", "val")
     }
     clip.vision_model.load_state_dict(vision.vision_model.state_dict())
     clip.save_pretrained(out)
@@ -293,7 +319,9 @@ def build_teachers(out: Path, mini_root: Path, recipe: HeteroRecipe, progress: b
         path = out / "teachers" / task
         path.mkdir(parents=True, exist_ok=True)
         if kind == "resnet":
-            teachers[task] = train_resnet(path, task, splits, recipe, seed * 1000 + 500 + i, progress)
+            teachers[task] = train_resnet(
+                path, task, splits, recipe, seed * 1000 + 500 + i, progress
+            )
         else:
             teachers[task] = train_wide_clip(
                 path, task, splits, base_recipe, recipe, seed * 1000 + 500 + i, progress

@@ -27,7 +27,9 @@ def accuracy(
     """Top-1 accuracy of ``logits(pixels)`` over ``dataset`` processed by ``processor``."""
     from fusion_bench.dataset.image_dataset import ImageClassificationDataset
 
-    loader = DataLoader(ImageClassificationDataset(dataset, processor), batch_size=batch_size, shuffle=False)
+    loader = DataLoader(
+        ImageClassificationDataset(dataset, processor), batch_size=batch_size, shuffle=False
+    )
     correct = total = 0
     for i, (pixels, labels) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
@@ -86,7 +88,9 @@ def write_report(out: Path, report: Mapping, loss_curves: Mapping[str, list]) ->
         paths["figure"] = accuracy_figure(rows, out / "accuracy.png")
     curves = {t: v for t, v in loss_curves.items() if v}
     if curves:
-        paths["loss"] = plot_losses(curves, out / "distill_loss.png", "distillation loss per teacher")
+        paths["loss"] = plot_losses(
+            curves, out / "distill_loss.png", "distillation loss per teacher"
+        )
     return paths
 
 

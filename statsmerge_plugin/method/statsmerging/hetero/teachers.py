@@ -75,7 +75,9 @@ def source_of(model: nn.Module) -> Optional[str]:
 
 
 @torch.no_grad()
-def clip_zero_shot_head(clip_model, processor, classnames: Sequence[str], templates) -> torch.Tensor:
+def clip_zero_shot_head(
+    clip_model, processor, classnames: Sequence[str], templates
+) -> torch.Tensor:
     """``[classes, dim]`` zero-shot head, computed by FusionBench's own ``HFCLIPClassifier``."""
     from fusion_bench.models.hf_clip import HFCLIPClassifier
 
@@ -280,4 +282,3 @@ def processor_identity(processor) -> Any:
 def pixel_values(processor, image) -> torch.Tensor:
     """``processor(images=[image])["pixel_values"][0]``, as FusionBench's ``CLIPDataset`` does."""
     return processor(images=[image], return_tensors="pt")["pixel_values"][0]
-
