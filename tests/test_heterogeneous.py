@@ -1,6 +1,7 @@
 """Heterogeneous architectures (StatsMerging §4): distil other-architecture teachers, then merge.
 
-A tiny mixed pool built in the test: the tiny random CLIP of ``tiny_clip.py`` (``_pretrained_`` and a
+A tiny mixed pool built in the test: the tiny random CLIP of ``tiny_clip.py`` (``_pretrained_`` and
+  a
 same-architecture ``mnist`` model), a tiny ``ResNetForImageClassification`` teacher for ``eurosat``
 and a wider tiny CLIP teacher (its own text tower) for ``svhn``. Real FusionBench classes, no mocks.
 Accuracies on random weights mean nothing: the tests check behaviour, never numbers.
@@ -166,7 +167,8 @@ def test_augmentation_is_shared_across_resolutions_and_seeded():
     assert torch.equal(p.flip, q.flip) and torch.equal(p.dx, q.dx)
     a32, a64 = apply_augmentation(x32, p), apply_augmentation(x64, p)
     assert a32.shape == x32.shape and a64.shape == x64.shape
-    # the same crop at both resolutions (offsets are fractions of the size; 64 px = 2x upsampled 32 px)
+    # the same crop at both resolutions (offsets are fractions of the size; 64 px = 2x upsampled 32
+    # px)
     p_even = copy.deepcopy(p)
     p_even.dx, p_even.dy = torch.round(p.dx * 32) / 32, torch.round(p.dy * 32) / 32
     down = apply_augmentation(x64, p_even)[..., ::2, ::2]

@@ -1,7 +1,8 @@
 """Simple, label-preserving augmentations on pixel tensors (random flips and translated crops).
 
 Teacher and student may use different processors (resolution, normalisation), so one set of random
-parameters is drawn per batch and applied to both views: flips are shared, crop offsets are fractions
+parameters is drawn per batch and applied to both views: flips are shared, crop offsets are
+  fractions
 of the image size and are scaled to each view's resolution. Padding replicates the border.
 """
 
@@ -18,7 +19,7 @@ AUGMENTATIONS = ("none", "flip", "crop", "flip_crop")
 
 @dataclass
 class AugmentParams:
-    """Per-image parameters: horizontal ``flip`` (bool ``[N]``), offsets ``dx``/``dy`` (fractions ``[N]``)."""
+    """Per-image parameters: ``flip`` (bool ``[N]``), offsets ``dx``/``dy`` (fractions, ``[N]``)."""
 
     flip: torch.Tensor
     dx: torch.Tensor

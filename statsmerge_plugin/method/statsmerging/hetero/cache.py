@@ -106,5 +106,5 @@ def save_student(
 
 
 def student_lock(cache_dir: Path, key: str):
-    """Exclusive lock for building student ``key`` (another process or DDP rank waits, then hits)."""
+    """Exclusive lock for building student ``key`` (another process or rank waits, then hits)."""
     return file_lock(Path(cache_dir) / f".{key}.lock")

@@ -1,11 +1,14 @@
 """Heterogeneous benchmark: distil + StatsMerging vs task arithmetic / TIES on the same students.
 
-    python -m statsmerge_plugin.method.statsmerging.hetero.compare [--work DIR] [--doc docs/heterogeneous.md]
+    python -m statsmerge_plugin.method.statsmerging.hetero.compare [--work DIR] [--doc
+    docs/heterogeneous.md]
 
-1. ``fusion_bench method=statsmerging/clip_layer_wise_hetero modelpool=CLIPVisionModelPool/mini-clip_TA8_hetero
-   taskpool=CLIPVisionModelTaskPool/mini-clip_TA8`` (timed, with a fresh student cache under ``--work``:
-   distillation + StatsMerging + FusionBench evaluation, cold);
-2. ``fusion_bench method=statsmerging/distill_to_base ...`` with the same cache (cache hits: the very
+1. ``fusion_bench method=statsmerging/clip_layer_wise_hetero
+  modelpool=CLIPVisionModelPool/mini-clip_TA8_hetero
+   taskpool=CLIPVisionModelTaskPool/mini-clip_TA8`` (timed, with a fresh student cache under
+   ``--work``: distillation + StatsMerging + FusionBench evaluation, cold);
+2. ``fusion_bench method=statsmerging/distill_to_base ...`` with the same cache (cache hits: the
+  very
    same students) writes the students' model pool;
 3. on that pool, FusionBench's ``SimpleAverageAlgorithm``, ``TaskArithmeticAlgorithm`` and
    ``TiesMergingAlgorithm`` (FusionBench defaults ``scaling_factor=0.3``, TIES ``threshold=20``, and
@@ -238,20 +241,23 @@ def render(result: dict) -> str:
         f"Measured on `{Path(result['mini_build']).name}` + `{Path(result['hetero_build']).name}`, "
         "2 CPU cores shared with other jobs.",
         "",
-        f"* distil + StatsMerging, one `fusion_bench` run from a cold student cache (distillation of both "
-        f"teachers, StatsMerging, FusionBench evaluation of 8 tasks, test-split student/teacher report): "
-        f"**{result['statsmerging_hetero_run_seconds']:.0f} s**",
-        f"* `distill_to_base` on the same cache (students reused): {result['distill_to_base_run_seconds_cache_hits']:.0f} s",
+        "* distil + StatsMerging, one `fusion_bench` run from a cold student cache "
+        "(distillation of both teachers, StatsMerging, FusionBench evaluation of 8 tasks, "
+        f"test-split student/teacher report): **{result['statsmerging_hetero_run_seconds']:.0f} s**",
+        "* `distill_to_base` on the same cache (students reused): "
+        f"{result['distill_to_base_run_seconds_cache_hits']:.0f} s",
         "",
         "Student vs teacher (test split):",
         "",
-        "| task | teacher | teacher acc. | student acc. | student / teacher | `_pretrained_` acc. | distil time (s) |",
+        "| task | teacher | teacher acc. | student acc. | student / teacher | `_pretrained_` acc. "
+        "| distil time (s) |",
         "|---|---|---|---|---|---|---|",
     ]
     for t, r in result["student_vs_teacher"].items():
         lines.append(
-            f"| {t} | {r['teacher_class']} | {100 * r['teacher_accuracy']:.1f} | {100 * r['student_accuracy']:.1f} | "
-            f"{100 * r['student_over_teacher']:.1f}% | {100 * r['pretrained_accuracy']:.1f} | {r['distill_seconds']} |"
+            f"| {t} | {r['teacher_class']} | {100 * r['teacher_accuracy']:.1f} | "
+            f"{100 * r['student_accuracy']:.1f} | {100 * r['student_over_teacher']:.1f}% | "
+            f"{100 * r['pretrained_accuracy']:.1f} | {r['distill_seconds']} |"
         )
     lines += [
         "",

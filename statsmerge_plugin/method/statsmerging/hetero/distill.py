@@ -1,10 +1,11 @@
 """The distillation loop: one teacher into one student of the target architecture.
 
-The student starts from ``_pretrained_`` and is classified with the task's frozen zero-shot head (the
-head ``CLIPClassificationMixin`` builds); all of the student's vision parameters are trained, the head,
-projection and logit scale are not. Each step draws a batch of training images (an epoch-wise random
-permutation), applies the same random augmentation to the teacher's and the student's view, and
-minimises :func:`~.losses.distillation_objective` with AdamW under a warm-up + cosine schedule.
+The student starts from ``_pretrained_`` and is classified with the task's frozen zero-shot head
+(the head ``CLIPClassificationMixin`` builds); all of the student's vision parameters are trained,
+the head, projection and logit scale are not. Each step draws a batch of training images (an
+epoch-wise random permutation), applies the same random augmentation to the teacher's and the
+student's view, and minimises :func:`~.losses.distillation_objective` with AdamW under a warm-up +
+cosine schedule.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def warmup_cosine(step: int, total: int, warmup_fraction: float) -> float:
 def batch_indices(
     n: int, batch_size: int, steps: int, generator: torch.Generator
 ) -> List[torch.Tensor]:
-    """``steps`` batches from successive random permutations of ``range(n)`` (epoch-wise sampling)."""
+    """``steps`` batches from successive random permutations of ``range(n)`` (epoch-wise)."""
     batch_size = min(batch_size, n)
     order: List[torch.Tensor] = []
     need = steps * batch_size
@@ -122,9 +123,11 @@ def distill(
         student: the student vision model (its parameters are trained).
         student_logits: ``f(student, pixels) -> [B, C]`` (the frozen zero-shot head).
         teacher_logits: ``f(pixels) -> [B, C]`` from the teacher's own head (no gradient).
-        student_pixels, teacher_pixels: the same ``N`` training images, as each processor makes them.
+        student_pixels, teacher_pixels: the same ``N`` training images, as each processor makes
+          them.
         options: the distillation options.
-        labels: ``[N]`` ground-truth labels, required iff ``options.use_labels`` (never read otherwise).
+        labels: ``[N]`` ground-truth labels, required iff ``options.use_labels`` (never read
+          otherwise).
         steps: overrides ``options.max_steps`` (``fast_dev_run``).
     """
     if options.use_labels != (labels is not None):

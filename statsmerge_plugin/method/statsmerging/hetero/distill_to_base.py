@@ -1,26 +1,29 @@
 R"""
-Distil teachers of other architectures into the target architecture (StatsMerging, third contribution).
+Distil teachers of other architectures into the target architecture (StatsMerging, third
+contribution).
 
 Ranjith Merugu, Bryan Bo Cao, Shubham Jain. "StatsMerging: Statistics-Guided Model Merging via
-Task-Specific Teacher Distillation", arXiv:2506.04567 (2025), §4 / Algorithm 1 line 1: when the models
-to merge have different architectures, pick a target architecture and distil every model of another
-architecture into it; then merge same-architecture models only.
+Task-Specific Teacher Distillation", arXiv:2506.04567 (2025), §4 / Algorithm 1 line 1: when the
+models to merge have different architectures, pick a target architecture and distil every model of
+another architecture into it; then merge same-architecture models only.
 
-Here the target architecture is the pool's ``_pretrained_`` CLIP vision model. Every task model whose
-parameter names or shapes differ from it is a teacher (see :mod:`.teachers` for what a teacher may be).
-For each teacher, a student initialised from ``_pretrained_`` and classified with the task's frozen
-zero-shot head is trained on the task's **train** split (never test) to match the teacher's own logits:
+Here the target architecture is the pool's ``_pretrained_`` CLIP vision model. Every task model
+whose parameter names or shapes differ from it is a teacher (see :mod:`.teachers` for what a teacher
+may be). For each teacher, a student initialised from ``_pretrained_`` and classified with the
+task's frozen zero-shot head is trained on the task's **train** split (never test) to match the
+teacher's own logits:
 
 $$ \mathcal{L} = T^2\,\mathrm{KL}\big(\mathrm{softmax}(t/T)\,\|\,\mathrm{softmax}(s/T)\big)
    \quad\text{(default, label-free)}, \qquad
    \mathcal{L} = \alpha\,\mathrm{CE}(y, s) + (1-\alpha)\,T^2\,\mathrm{KL}(\cdot)
    \quad\text{(``use_labels``, the paper: } T = 4,\ \alpha = 0.7) $$
 
-Deviations from the paper / official code (spec §4): the paper's student is a ResNet-50 with a new fc
-layer; here the target is whatever ``_pretrained_`` is (a CLIP ViT), and the student keeps the task's
-zero-shot head frozen, so that students merge with the other fine-tuned CLIP models exactly like
-task-arithmetic fine-tunes. The official script distils truncated CLIP *embeddings* as "logits"; here
-teacher logits come from the teacher's own head. Label-free is the default (the paper uses labels).
+Deviations from the paper / official code (spec §4): the paper's student is a ResNet-50 with a new
+fc layer; here the target is whatever ``_pretrained_`` is (a CLIP ViT), and the student keeps the
+task's zero-shot head frozen, so that students merge with the other fine-tuned CLIP models exactly
+like task-arithmetic fine-tunes. The official script distils truncated CLIP *embeddings* as
+"logits"; here teacher logits come from the teacher's own head. Label-free is the default (the paper
+uses labels).
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ class PoolPlan:
 
 @auto_register_config
 class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgorithm):
-    """Distil every other-architecture task model of a CLIP pool into ``_pretrained_``'s architecture.
+    """Distil every other-architecture task model of a CLIP pool into the ``_pretrained_`` one.
 
     ``run`` writes the students and a ready-to-use model pool YAML (``_pretrained_``, the
     same-architecture models and the students) so that any FusionBench method can merge them, plus a
@@ -117,14 +120,16 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         weight_decay: AdamW weight decay.
         warmup_fraction: fraction of steps with linear warm-up.
         batch_size: images per step.
-        augmentation: ``none``, ``flip``, ``crop`` or ``flip_crop`` (same parameters for both views).
+        augmentation: ``none``, ``flip``, ``crop`` or ``flip_crop`` (same parameters for both
+          views).
         crop_fraction: maximal crop offset, as a fraction of the image size.
         seed: seeds the image subset, batch order and augmentation.
         num_train_images: images of the train split used per teacher (``null``: all).
         cache_dir: student cache (``null``: ``$STATSMERGE_STUDENT_CACHE`` or the user cache dir).
         teachers: optional per-teacher overrides ``{task: {processor: ..., clip_model: ...}}``
             (default: both are loaded from the directory the teacher was loaded from).
-        evaluate_test: evaluate teachers, students and ``_pretrained_`` on the test split (report only).
+        evaluate_test: evaluate teachers, students and ``_pretrained_`` on the test split (report
+          only).
         eval_batch_size: batch size of that evaluation.
         output_dir: where ``run`` writes students, pool YAML and report (``null``:
             ``<log_dir>/distill_to_base``).
@@ -178,7 +183,7 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
             seed=self.seed,
         )
 
-    # ------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------
     def run(self, modelpool: CLIPVisionModelPool):
         if self.output_dir is None and self.log_dir is None:
             raise ValueError("distill_to_base needs `output_dir` (there is no log directory)")
@@ -194,7 +199,7 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         return None
 
     def distill_pool(self, modelpool: CLIPVisionModelPool) -> Tuple[CLIPVisionModelPool, Dict]:
-        """Check the pool, distil (or fetch from cache) every teacher; return the student pool + report.
+        """Check the pool, distil (or fetch from cache) each teacher; return student pool and report.
 
         The returned pool holds ``_pretrained_``, the same-architecture entries unchanged and one
         saved student per teacher (a path), with the input pool's processor and datasets.
@@ -204,7 +209,8 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         plan = self.inspect_pool(modelpool)
         if not plan.teachers:
             log.warning(
-                "heterogeneous merging: every task model has the target architecture, nothing to distil"
+                "heterogeneous merging: every task model has the target architecture, "
+                "nothing to distil"
             )
         teacher_tasks = list(plan.teachers)
         students: Dict[str, Path] = {}
@@ -238,12 +244,13 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         self._loss_curves = losses
         return student_pool, report
 
-    # ------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------
     def inspect_pool(self, modelpool) -> PoolPlan:
         """All input checks, before any training: one clear error naming the culprit.
 
         Raises:
-            ValueError: no ``_pretrained_`` target, a target that is not a CLIP vision model, no task
+            ValueError: no ``_pretrained_`` target, a target that is not a CLIP vision model, no
+              task
                 models, a task without FusionBench class names, a teacher without a usable head or
                 processor, a teacher/task class-count mismatch, a teacher without a train split, an
                 override for an unknown task.
@@ -267,8 +274,9 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
             base = modelpool.load_pretrained_model()
             if not is_clip_vision_model(base):
                 raise ValueError(
-                    f"`_pretrained_` is a {type(base).__name__}, not a CLIP vision model: the target "
-                    "architecture must be a CLIP vision model (its zero-shot heads classify students)"
+                    f"`_pretrained_` is a {type(base).__name__}, not a CLIP vision model: the "
+                    "target architecture must be a CLIP vision model (its zero-shot heads "
+                    "classify the students)"
                 )
             check_task_classnames(tasks)
             base_shapes = parameter_shapes(base)
@@ -282,7 +290,8 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
                     plan.same_architecture.append(task)
                     if task in overrides:
                         raise ValueError(
-                            f"option `teachers.{task}`: {task!r} is not a teacher (same architecture)"
+                            f"option `teachers.{task}`: {task!r} is not a teacher "
+                            "(same architecture)"
                         )
                     continue
                 classnames, templates = get_classnames_and_templates(task)
@@ -308,9 +317,9 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
     def steps(self) -> int:
         return 1 if self.is_debug_mode else self.max_steps
 
-    # ------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------
     def distill_teacher(self, modelpool, teacher: Teacher, base_id: str):
-        """Distil one teacher (or take its student from the cache); returns (path, record, losses)."""
+        """Distil one teacher (or fetch its student from the cache); return path, record, losses."""
         task = teacher.task
         options = self.distill_options()
         with self.profile("load train images"):
@@ -414,7 +423,7 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         }
         return path, record, losses
 
-    # ------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(
         self, modelpool, plan: PoolPlan, students: Dict[str, Path], records: Dict[str, Dict]
@@ -452,11 +461,11 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
             record["student_over_teacher"] = record["student_accuracy"] / t if t else None
             del student
 
-    # ------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------
     def student_pool(
         self, modelpool, plan: PoolPlan, students: Dict[str, Path]
     ) -> CLIPVisionModelPool:
-        """The pool to merge: ``_pretrained_``, same-architecture entries, students (in task order)."""
+        """The pool to merge: ``_pretrained_``, same-architecture entries, students (task order)."""
         models = {"_pretrained_": plain(modelpool.get_model_config("_pretrained_"))}
         for task in plan.tasks:
             models[task] = (
@@ -480,7 +489,7 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
     def write_outputs(
         self, out: Path, modelpool, student_pool: CLIPVisionModelPool, report: Dict
     ) -> Path:
-        """Students (copied from the cache), ``modelpool/<pool_name>.yaml`` and the report into ``out``."""
+        """Students (copied from the cache), ``modelpool/<pool_name>.yaml``, report into ``out``."""
         out = Path(out)
         (out / "modelpool").mkdir(parents=True, exist_ok=True)
         models = plain(student_pool._models)
@@ -503,10 +512,11 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
                 pool[f"{split}_datasets"] = cfg
         header = (
             "# FusionBench model pool written by method=statsmerging/distill_to_base\n"
-            "# _pretrained_ and the same-architecture models as in the input pool; every teacher of\n"
-            "# another architecture replaced by its distilled student (a CLIPVisionModel in students/).\n"
-            f"# Use: fusion_bench --config-dir {out.resolve()} modelpool={self.pool_name} method=<any> "
-            "taskpool=<...>\n"
+            "# _pretrained_ and the same-architecture models as in the input pool; every teacher\n"
+            "# of another architecture replaced by its distilled student (a CLIPVisionModel\n"
+            "# in students/).\n"
+            f"# Use: fusion_bench --config-dir {out.resolve()} modelpool={self.pool_name} "
+            "method=<any> taskpool=<...>\n"
         )
         (out / "modelpool" / f"{self.pool_name}.yaml").write_text(
             header + yaml.safe_dump(pool, sort_keys=False)

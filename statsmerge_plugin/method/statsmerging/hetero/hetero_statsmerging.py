@@ -2,10 +2,10 @@ R"""
 StatsMerging across architectures: distil other-architecture teachers, then StatsMerging.
 
 Ranjith Merugu, Bryan Bo Cao, Shubham Jain. "StatsMerging: Statistics-Guided Model Merging via
-Task-Specific Teacher Distillation", arXiv:2506.04567 (2025), Algorithm 1 line 1 and §4 (heterogeneous
-architectures, Table 3): every task model whose architecture differs from the target (``_pretrained_``)
-is distilled into it (:class:`~.distill_to_base.DistillToBaseForCLIP`); the students and the
-same-architecture models are then merged by layer-wise StatsMerging
+Task-Specific Teacher Distillation", arXiv:2506.04567 (2025), Algorithm 1 line 1 and §4
+(heterogeneous architectures, Table 3): every task model whose architecture differs from the target
+(``_pretrained_``) is distilled into it (:class:`~.distill_to_base.DistillToBaseForCLIP`); the
+students and the same-architecture models are then merged by layer-wise StatsMerging
 (:class:`~statsmerge_plugin.method.statsmerging.StatsMergingForCLIP`, unchanged).
 
 The run also writes ``<log_dir>/hetero/report.{json,md}``: test accuracy of each student against its

@@ -1,24 +1,28 @@
 """Mixed-architecture variant of the mini eight-task benchmark (``mini-clip_TA8_hetero``).
 
 Two of the eight tasks get a model of another architecture, fine-tuned *with labels on the task's
-train split* (this is the teachers' own training, like the fine-tuned CLIP models of the base build):
+train split* (this is the teachers' own training, like the fine-tuned CLIP models of the base
+build):
 
 * ``mini_gtsrb``: a small CNN, transformers ``ResNetForImageClassification`` (tiny config), with its
   own ``ViTImageProcessor`` (ImageNet normalisation, 32 px);
 * ``mini_eurosat``: a wider tiny CLIP (vision width 192 instead of 128) with its own text tower,
   briefly contrastively pretrained on the task's separate ``pretrain`` pool, then its vision tower
-  fine-tuned against its own zero-shot head (the mini builder's recipe, :mod:`statsmerge_plugin.mini.train`).
+  fine-tuned against its own zero-shot head (the mini builder's recipe,
+  :mod:`statsmerge_plugin.mini.train`).
 
-The other six tasks keep the base build's fine-tuned CLIP models. The base build (data, ``_pretrained_``,
-same-architecture models) comes from :func:`statsmerge_plugin.mini.build.ensure_built`; this module
-adds ``<mini build>-hetero-<digest>/teachers/<task>/`` next to it, with the same conventions: a key
-that changes with the base build, this recipe, this file and the library versions; a build in a
-``.tmp-*`` directory moved into place with ``os.replace``; ``manifest.json`` written last; an
-``fcntl`` lock against concurrent builders.
+The other six tasks keep the base build's fine-tuned CLIP models. The base build (data,
+``_pretrained_``, same-architecture models) comes from
+:func:`statsmerge_plugin.mini.build.ensure_built`; this module adds ``<mini
+build>-hetero-<digest>/teachers/<task>/`` next to it, with the same conventions: a key that changes
+with the base build, this recipe, this file and the library versions; a build in a ``.tmp-*``
+directory moved into place with ``os.replace``; ``manifest.json`` written last; an ``fcntl`` lock
+against concurrent builders.
 
 The pool config loads teachers with ``_target_: ...mini_benchmark.load_teacher`` (which builds on
-first use, like ``${mini_clip:}``). This module lives outside ``statsmerge_plugin/mini/`` on purpose:
-the base builder's key hashes every ``*.py`` file of that directory, so a file added there would
+first use, like ``${mini_clip:}``). This module lives outside ``statsmerge_plugin/mini/`` on
+purpose: the base builder's key hashes every ``*.py`` file of that directory, so a file added there
+  would
 invalidate every base build.
 """
 
@@ -118,7 +122,7 @@ def base_manifest(mini_root: Path) -> dict:
 def ensure_hetero_built(
     mini_root: Union[None, str, Path] = None, preset: Optional[str] = None, progress: bool = True
 ) -> Path:
-    """Path of the teachers' build for base build ``mini_root`` (default: the ``${mini_clip:}`` one).
+    """Path of the teachers' build for base build ``mini_root`` (default: ``${mini_clip:}``'s).
 
     ``preset`` defaults to the base build's preset (``default`` or ``smoke``).
     """
@@ -153,9 +157,9 @@ def ensure_hetero_built(
 def load_teacher(task: str, mini_root: Union[None, str, Path] = None, preset: Optional[str] = None):
     """Model-pool loader (``_target_``) of the teacher of ``task``, building the teachers if needed.
 
-    Returns a ``ResNetForImageClassification`` or a ``CLIPVisionModel`` loaded with ``from_pretrained``
-    from ``<hetero build>/teachers/<task>``, which also holds its processor (and, for the CLIP
-    teacher, the full ``CLIPModel`` with its text tower).
+    Returns a ``ResNetForImageClassification`` or a ``CLIPVisionModel`` loaded with
+    ``from_pretrained`` from ``<hetero build>/teachers/<task>``, which also holds its processor
+    (and, for the CLIP teacher, the full ``CLIPModel`` with its text tower).
     """
     if task not in TEACHERS:
         raise KeyError(
@@ -173,7 +177,7 @@ def load_teacher(task: str, mini_root: Union[None, str, Path] = None, preset: Op
 
 # ------------------------------------------------------------------------------------------------
 def imagenet_pixels(images):
-    """uint8 ``(N, 32, 32, 3)`` -> ImageNet-normalised ``(N, 3, 32, 32)`` (what the processor gives)."""
+    """uint8 ``(N, 32, 32, 3)`` -> ImageNet-normalised ``(N, 3, 32, 32)``, as the processor does."""
     import torch
 
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
@@ -256,8 +260,9 @@ def train_resnet(
 def train_wide_clip(
     out: Path, task: str, splits, base_recipe, recipe: HeteroRecipe, seed: int, progress: bool
 ) -> dict:
-    """A wider tiny CLIP: brief contrastive pretraining on the task's pretraining pool, then its vision
-    tower fine-tuned with labels against its own zero-shot head (the mini builder's recipe)."""
+    """A wider tiny CLIP: brief contrastive pretraining on the task's pretraining pool, then its
+    vision tower fine-tuned with labels against its own zero-shot head (the mini builder's recipe).
+    """
     from statsmerge_plugin.mini import data as mini_data
     from statsmerge_plugin.mini import train as mini_train
 

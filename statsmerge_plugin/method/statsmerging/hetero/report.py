@@ -45,7 +45,8 @@ def accuracy(
 def markdown_table(rows: Mapping[str, Mapping]) -> str:
     """Markdown table of the per-task records (accuracies in %)."""
     lines = [
-        "| task | teacher | teacher acc. | student acc. | student / teacher | `_pretrained_` acc. | "
+        "| task | teacher | teacher acc. | student acc. | student / teacher | "
+        "`_pretrained_` acc. | "
         "labels used | steps | cache hit | distil time (s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -58,14 +59,15 @@ def markdown_table(rows: Mapping[str, Mapping]) -> str:
         lines.append(
             f"| {task} | {r['teacher_kind']} ({r.get('teacher_class', '')}) | "
             f"{pct(r.get('teacher_accuracy'))} | {pct(r.get('student_accuracy'))} | "
-            f"{'–' if ratio is None else f'{100 * ratio:.1f}%'} | {pct(r.get('pretrained_accuracy'))} | "
+            f"{'–' if ratio is None else f'{100 * ratio:.1f}%'} | "
+            f"{pct(r.get('pretrained_accuracy'))} | "
             f"{r['use_labels']} | {r['steps']} | {r['cache_hit']} | {r['distill_seconds']} |"
         )
     return "\n".join(lines)
 
 
 def write_report(out: Path, report: Mapping, loss_curves: Mapping[str, list]) -> Dict[str, Path]:
-    """``report.json``, ``report.md``, ``accuracy.png`` (student vs teacher) and ``distill_loss.png``."""
+    """Write ``report.json``, ``report.md``, ``accuracy.png`` and ``distill_loss.png``."""
     from statsmerge_plugin.plotting import loss_curves as plot_losses
 
     out = Path(out)

@@ -1,16 +1,17 @@
 """Teachers of another architecture: how a pool declares them, their own heads, their logits.
 
 A pool's ``_pretrained_`` (a CLIP vision model) is the *target architecture*. Every task model whose
-parameter names or shapes differ from it is a *teacher*, and it must be a classifier with its own head:
+parameter names or shapes differ from it is a *teacher*, and it must be a classifier with its own
+head:
 
-* ``clip``: a ``CLIPVisionModel`` of another width/depth. Its head is its own zero-shot head: its own
-  CLIP text tower embeds the task's FusionBench class names and templates (exactly as
+* ``clip``: a ``CLIPVisionModel`` of another width/depth. Its head is its own zero-shot head: its
+  own CLIP text tower embeds the task's FusionBench class names and templates (exactly as
   ``HFCLIPClassifier.set_classification_task`` does), logits are
   ``exp(logit_scale) * cos(visual_projection(pooled), head)``. The full ``CLIPModel`` (text tower,
   projections, logit scale) and the processor are loaded from the teacher's source directory.
-* ``classifier``: a transformers ``*ForImageClassification`` model (``ResNetForImageClassification``,
-  ``ConvNextForImageClassification``, ...). Logits are its own ``model(pixel_values).logits``; its
-  processor is ``AutoImageProcessor.from_pretrained(<source>)``.
+* ``classifier``: a transformers ``*ForImageClassification`` model
+  (``ResNetForImageClassification``, ``ConvNextForImageClassification``, ...). Logits are its own
+  ``model(pixel_values).logits``; its processor is ``AutoImageProcessor.from_pretrained(<source>)``.
 
 The *source directory* is the ``name_or_path`` that ``from_pretrained`` records on the model (so
 weights and processor/CLIP saved together, the Hugging Face convention), unless the method option
@@ -173,7 +174,8 @@ def _load_processor(task: str, kind: str, path, override: Mapping):
     spec = override.get("processor", path)
     if spec is None:
         raise ValueError(
-            f"teacher {task!r} ({kind}): cannot find its own processor: the model records no source "
+            f"teacher {task!r} ({kind}): cannot find its own processor: the model records no "
+            "source "
             f"directory; set the method option `teachers.{task}.processor`"
         )
     try:
@@ -200,7 +202,8 @@ def _load_own_clip(task: str, clip_path):
 
     def no_head(reason: str) -> ValueError:
         return ValueError(
-            f"teacher {task!r} (CLIP vision model) has no usable head: its zero-shot head needs its "
+            f"teacher {task!r} (CLIP vision model) has no usable head: its zero-shot head needs "
+            "its "
             f"own full CLIPModel (text tower), but {reason}; save the CLIPModel next to the vision "
             f"weights or set `teachers.{task}.clip_model`"
         )
@@ -230,14 +233,15 @@ def build_teacher(
 
     Raises:
         ValueError: naming ``task`` when the model has no usable head (neither a CLIP vision model
-            with a loadable text tower nor a ``*ForImageClassification``), when its processor cannot be
-            loaded, or when its head's class count differs from the task's class names.
+            with a loadable text tower nor a ``*ForImageClassification``), when its processor cannot
+            be loaded, or when its head's class count differs from the task's class names.
     """
     override = dict(override or {})
     kind = teacher_kind(model)
     if kind is None:
         raise ValueError(
-            f"teacher {task!r} ({type(model).__name__}) has no usable classification head: a teacher "
+            f"teacher {task!r} ({type(model).__name__}) has no usable classification head: a "
+            "teacher "
             "of another architecture must be a CLIP vision model (its own text tower gives its "
             "zero-shot head) or a transformers `*ForImageClassification` model with its own head"
         )
