@@ -243,7 +243,8 @@ def render(result: dict) -> str:
         "",
         "* distil + StatsMerging, one `fusion_bench` run from a cold student cache "
         "(distillation of both teachers, StatsMerging, FusionBench evaluation of 8 tasks, "
-        f"test-split student/teacher report): **{result['statsmerging_hetero_run_seconds']:.0f} s**",
+        "test-split student/teacher report): "
+        f"**{result['statsmerging_hetero_run_seconds']:.0f} s**",
         "* `distill_to_base` on the same cache (students reused): "
         f"{result['distill_to_base_run_seconds_cache_hits']:.0f} s",
         "",

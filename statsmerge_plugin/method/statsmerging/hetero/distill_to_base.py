@@ -199,7 +199,7 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         return None
 
     def distill_pool(self, modelpool: CLIPVisionModelPool) -> Tuple[CLIPVisionModelPool, Dict]:
-        """Check the pool, distil (or fetch from cache) each teacher; return student pool and report.
+        """Check the pool, distil (or fetch from cache) each teacher; return student pool, report.
 
         The returned pool holds ``_pretrained_``, the same-architecture entries unchanged and one
         saved student per teacher (a path), with the input pool's processor and datasets.
