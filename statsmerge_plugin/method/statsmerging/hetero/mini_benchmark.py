@@ -15,8 +15,8 @@ The other six tasks keep the base build's fine-tuned CLIP models. The base build
 ``_pretrained_``, same-architecture models) comes from
 :func:`statsmerge_plugin.mini.build.ensure_built`; this module adds ``<mini
 build>-hetero-<digest>/teachers/<task>/`` next to it, with the same conventions: a key that changes
-with the base build, this recipe, this file and the library versions; a build in a ``.tmp-*``
-directory moved into place with ``os.replace``; ``manifest.json`` written last; an ``fcntl`` lock
+with the base build, this recipe, this module's code (its AST) and the library versions; a build
+in a ``.tmp-*`` directory moved into place with ``os.replace``; ``manifest.json`` written last; an ``fcntl`` lock
 against concurrent builders.
 
 The pool config loads teachers with ``_target_: ...mini_benchmark.load_teacher`` (which builds on
