@@ -37,9 +37,9 @@ class Recipe:
     pretrain_wd: float = 0.1
     pair_frac: float = 0.6  # fraction of (2k, 2k+1) class pairs whose captions are blurred
     # fine-tuning of the vision tower against the frozen zero-shot head
-    ft_steps: int = 500
+    ft_steps: int = 200
     ft_batch: int = 32
-    ft_lr: float = 1e-4
+    ft_lr: float = 2e-4
     ft_wd: float = 0.0
     # evaluation through FusionBench written into the manifest
     evaluate: bool = True

@@ -375,26 +375,17 @@ def draw_landcover(rng: np.random.Generator, label: int) -> Image.Image:
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
 
 
-def _contrasting_pair(rng: np.random.Generator, min_gap: float = 100.0):
-    """Random background / foreground colours whose luminances differ by ``min_gap``."""
-    lum = np.array([0.299, 0.587, 0.114])
-    bg = rng.integers(0, 256, 3)
-    while True:
-        fg = rng.integers(0, 256, 3)
-        if abs(float(lum @ fg) - float(lum @ bg)) >= min_gap:
-            return tuple(int(c) for c in bg), tuple(int(c) for c in fg)
-
-
 def draw_house_number(rng: np.random.Generator, label: int) -> Image.Image:
-    bg, fg = _contrasting_pair(rng)
+    bg = tuple(int(c) for c in rng.integers(0, 256, 3))
+    fg = tuple(int(255 - c) if abs(255 - 2 * c) > 60 else int((c + 128) % 256) for c in bg)
     img, d = _canvas(bg)
-    font = _font(FONTS[int(rng.integers(6))], int(rng.uniform(44, 52)))  # DejaVu faces
-    x, y = 32 + rng.uniform(-2, 2), 32 + rng.uniform(-2, 2)
-    for dx in (-42, 42):  # slivers of neighbouring digits at the edges
-        if rng.random() < 0.3:
-            _text(d, (x + dx, y), str(int(rng.integers(10))), font, fg)
+    font = _font(FONTS[int(rng.integers(len(FONTS)))], int(rng.uniform(40, 50)))
+    x, y = 32 + rng.uniform(-3, 3), 32 + rng.uniform(-3, 3)
+    for dx in (-30, 30):  # partial neighbouring digits at the edges
+        if rng.random() < 0.4:
+            _text(d, (x + dx * 1.25, y), str(int(rng.integers(10))), font, fg)
     _text(d, (x, y), str(label), font, fg)
-    img = _rotate(img, rng.uniform(-5, 5), bg)
+    img = _rotate(img, rng.uniform(-8, 8), bg)
     return _finish(img, rng)
 
 
