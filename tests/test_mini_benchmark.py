@@ -83,47 +83,49 @@ def test_saved_splits_have_image_and_classlabel_features(smoke_build):
     assert sorted(set(ds["label"])) == list(range(10))
 
 
-def test_build_is_deterministic_and_reused(tmp_path):
-    a = build_mini_benchmark(root=tmp_path / "a", preset="smoke", tasks=PAIR, progress=False)
-    b = build_mini_benchmark(root=tmp_path / "b", preset="smoke", tasks=PAIR, progress=False)
+def test_build_is_deterministic_reused_and_rebuilt_on_changes(tmp_path):
+    one = PAIR[:1]
+    a = build_mini_benchmark(root=tmp_path / "a", preset="smoke", tasks=one, progress=False)
+    b = build_mini_benchmark(root=tmp_path / "b", preset="smoke", tasks=one, progress=False)
     pa, pb = Path(a["path"]), Path(b["path"])
     assert pa.name == pb.name
-    for sub in ["pretrained"] + [f"models/{t}" for t in PAIR]:
+    for sub in ["pretrained", f"models/{one[0]}"]:
         wa, wb = weights(pa / sub), weights(pb / sub)
         assert wa.keys() == wb.keys()
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    for task in PAIR:
-        sa, sb = load_split(pa / "data" / task / "train"), load_split(pb / "data" / task / "train")
+    for split in ("train", "test"):
+        sa, sb = load_split(pa / "data" / one[0] / split), load_split(pb / "data" / one[0] / split)
         assert np.array_equal(sa.images, sb.images) and np.array_equal(sa.labels, sb.labels)
     assert a["test_accuracy"] == b["test_accuracy"]
 
     stamp = (pa / "manifest.json").stat().st_mtime_ns
-    again = build_mini_benchmark(root=tmp_path / "a", preset="smoke", tasks=PAIR, progress=False)
+    again = build_mini_benchmark(root=tmp_path / "a", preset="smoke", tasks=one, progress=False)
     assert again["path"] == a["path"]
     assert (pa / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
 
+    other = build_mini_benchmark(
+        root=tmp_path / "a", preset="smoke", tasks=one, seed=1, progress=False
+    )
+    assert other["path"] != a["path"] and other["seed"] == 1
+    assert read_manifest(pa) is not None  # the seed-0 build is kept
+    w0, w1 = weights(pa / "models" / one[0]), weights(Path(other["path"]) / "models" / one[0])
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+
     forced = build_mini_benchmark(
-        root=tmp_path / "a", preset="smoke", tasks=PAIR, force=True, progress=False
+        root=tmp_path / "a", preset="smoke", tasks=one, force=True, progress=False
     )
     assert (pa / "manifest.json").stat().st_mtime_ns != stamp
     assert forced["test_accuracy"] == a["test_accuracy"]
 
 
-def test_changed_seed_or_recipe_builds_elsewhere(tmp_path):
+def test_build_key_tracks_recipe_seed_and_tasks():
     recipe = get_recipe("smoke")
-    base = build_mini_benchmark(root=tmp_path, preset="smoke", tasks=PAIR[:1], progress=False)
-    other = build_mini_benchmark(
-        root=tmp_path, preset="smoke", tasks=PAIR[:1], seed=1, progress=False
-    )
-    assert other["path"] != base["path"] and other["seed"] == 1
-    assert read_manifest(Path(base["path"])) is not None  # the seed-0 build is kept
-    w0 = weights(Path(base["path"]) / "models" / "mini_mnist")
-    w1 = weights(Path(other["path"]) / "models" / "mini_mnist")
-    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
-    name = Path(base["path"]).name
-    assert build_key(recipe.replace(ft_lr=recipe.ft_lr / 2), "smoke", 0, PAIR[:1]) != name
-    assert build_key(recipe, "smoke", 0, PAIR) != name
-    assert build_key(recipe, "smoke", 0, PAIR[:1]) == name
+    key = build_key(recipe, "smoke", 0, PAIR)
+    assert build_key(recipe, "smoke", 0, PAIR) == key
+    assert build_key(recipe.replace(ft_lr=recipe.ft_lr / 2), "smoke", 0, PAIR) != key
+    assert build_key(recipe, "smoke", 1, PAIR) != key
+    assert build_key(recipe, "smoke", 0, PAIR[:1]) != key
+    assert key.startswith("mini-clip-r") and "-smoke-s0-t2-" in key
 
 
 def test_interrupted_build_is_not_taken_as_complete(tmp_path):
@@ -160,9 +162,22 @@ def test_incomplete_target_without_manifest_is_rebuilt(tmp_path):
 
 def test_cli_builds_and_prints_path(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "statsmerge_plugin.mini", "build", "--root", str(tmp_path),
-         "--preset", "smoke", "--tasks", "mnist", "--quiet"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "statsmerge_plugin.mini",
+            "build",
+            "--root",
+            str(tmp_path),
+            "--preset",
+            "smoke",
+            "--tasks",
+            "mnist",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     path = Path(out.stdout.strip().splitlines()[-1])
     assert path.parent == tmp_path and read_manifest(path)["tasks"] == ["mini_mnist"]

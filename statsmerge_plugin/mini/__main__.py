@@ -15,11 +15,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="statsmerge-mini", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build (or reuse) the mini benchmark and print its path")
-    build.add_argument("--root", default=None, help="cache dir (default: $STATSMERGE_MINI_ROOT or user cache)")
+    build.add_argument(
+        "--root", default=None, help="cache dir (default: $STATSMERGE_MINI_ROOT or user cache)"
+    )
     build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--tasks", default=None, help="comma-separated subset, e.g. mini_mnist,mini_dtd")
+    build.add_argument(
+        "--tasks", default=None, help="comma-separated subset, e.g. mini_mnist,mini_dtd"
+    )
     build.add_argument("--preset", default="default", choices=["default", "smoke"])
-    build.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
+    build.add_argument(
+        "--force", action="store_true", help="rebuild even if a complete build exists"
+    )
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 

@@ -92,7 +92,9 @@ def _stage(timings: Dict[str, float], name: str, start: float) -> float:
     return now
 
 
-def build_into(out: Path, recipe: Recipe, seed: int, tasks: Sequence[str], pbar: bool = True) -> dict:
+def build_into(
+    out: Path, recipe: Recipe, seed: int, tasks: Sequence[str], pbar: bool = True
+) -> dict:
     """Build everything except the manifest into ``out``; return the manifest's content."""
     import datasets
     from tqdm.auto import tqdm
@@ -128,9 +130,15 @@ def build_into(out: Path, recipe: Recipe, seed: int, tasks: Sequence[str], pbar:
         head = train.zero_shot_head(clip, processor, task)
         vision = train.vision_tower(clip)
         train.seed_everything(seed * 1000 + i)
-        train.finetune(vision, clip.visual_projection, head, splits[task]["train"], recipe, seed * 1000 + i)
-        train_acc[task] = round(train.accuracy(vision, clip.visual_projection, head, splits[task]["train"]), 4)
-        val_acc[task] = round(train.accuracy(vision, clip.visual_projection, head, splits[task]["val"]), 4)
+        train.finetune(
+            vision, clip.visual_projection, head, splits[task]["train"], recipe, seed * 1000 + i
+        )
+        train_acc[task] = round(
+            train.accuracy(vision, clip.visual_projection, head, splits[task]["train"]), 4
+        )
+        val_acc[task] = round(
+            train.accuracy(vision, clip.visual_projection, head, splits[task]["val"]), 4
+        )
         vision.save_pretrained(out / "models" / task)
     t = _stage(timings, "finetune", t)
 

@@ -32,7 +32,10 @@ def generate_split(task: str, part: str, per_class: int, seed: int) -> Split:
     num_classes = len(get_task(task).classnames)
     labels = np.tile(np.arange(num_classes), per_class)
     images = np.stack(
-        [np.asarray(draw(task, image_rng(seed, task, part, i), int(y), part)) for i, y in enumerate(labels)]
+        [
+            np.asarray(draw(task, image_rng(seed, task, part, i), int(y), part))
+            for i, y in enumerate(labels)
+        ]
     )
     return Split(images=images, labels=labels.astype(np.int64))
 

@@ -9,7 +9,10 @@ from .registry import register_tasks
 
 
 def dataset_config(root: Path, task: str, split: str) -> dict:
-    return {"_target_": "datasets.load_from_disk", "dataset_path": str(Path(root) / "data" / task / split)}
+    return {
+        "_target_": "datasets.load_from_disk",
+        "dataset_path": str(Path(root) / "data" / task / split),
+    }
 
 
 def modelpool(root: Path, tasks: Sequence[str], splits: Sequence[str] = ("train", "val", "test")):
@@ -69,7 +72,9 @@ def evaluate_build(
     return result
 
 
-def format_table(results: Dict[str, Dict[str, float]], tasks: Optional[Sequence[str]] = None) -> str:
+def format_table(
+    results: Dict[str, Dict[str, float]], tasks: Optional[Sequence[str]] = None
+) -> str:
     """A markdown table, one row per model, tasks as columns."""
     tasks = list(tasks or [k for k in next(iter(results.values())) if k != "average"])
     head = "| model | " + " | ".join(t.replace("mini_", "") for t in tasks) + " | avg |"

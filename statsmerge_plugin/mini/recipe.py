@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
@@ -84,14 +85,32 @@ def get_recipe(preset: str) -> Recipe:
 CONTENT_MODULES = ("build.py", "data.py", "recipe.py", "tasks.py", "tokenizer.py", "train.py")
 
 
+def _code_fingerprint(source: str) -> str:
+    """The module's syntax tree without docstrings: formatting, comments and docs do not count."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
 def source_digest() -> str:
     """Hash of the code and assets that determine the build's data and weights."""
     here = Path(__file__).parent
-    files = [here / m for m in CONTENT_MODULES] + sorted((here / "assets").glob("*"))
     h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
+    for name in CONTENT_MODULES:
+        h.update(name.encode())
+        h.update(_code_fingerprint((here / name).read_text(encoding="utf-8")).encode())
+    for path in sorted((here / "assets").glob("*")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 

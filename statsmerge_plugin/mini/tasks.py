@@ -121,9 +121,21 @@ SUN_CLASSES = (
 
 def draw_scene(rng: np.random.Generator, label: int) -> Image.Image:
     h = int(rng.uniform(22, 34))
-    sky = _jit(rng, [(110, 170, 235), (120, 180, 230), (235, 190, 120), (140, 190, 240),
-                     (150, 200, 240), (120, 160, 150), (160, 180, 210), (70, 50, 60),
-                     (150, 170, 200), (130, 180, 230)][label])
+    sky = _jit(
+        rng,
+        [
+            (110, 170, 235),
+            (120, 180, 230),
+            (235, 190, 120),
+            (140, 190, 240),
+            (150, 200, 240),
+            (120, 160, 150),
+            (160, 180, 210),
+            (70, 50, 60),
+            (150, 170, 200),
+            (130, 180, 230),
+        ][label],
+    )
     img, d = _canvas(sky)
     if label == 0:  # beach: sea band then sand
         d.rectangle([0, h, CANVAS, h + 10], fill=_jit(rng, (40, 100, 200)))
@@ -148,7 +160,9 @@ def draw_scene(rng: np.random.Generator, label: int) -> Image.Image:
             x, s = rng.uniform(0, CANVAS), rng.uniform(8, 16)
             g = (30, 110, 40) if label == 4 else (20, 150, 60)
             if label == 4:
-                d.polygon([(x, h - 2 * s), (x - s / 2, h + 4), (x + s / 2, h + 4)], fill=_jit(rng, g))
+                d.polygon(
+                    [(x, h - 2 * s), (x - s / 2, h + 4), (x + s / 2, h + 4)], fill=_jit(rng, g)
+                )
             else:
                 y = rng.uniform(h - 20, h + 10)
                 d.ellipse([x - s / 2, y - s / 2, x + s / 2, y + s / 2], fill=_jit(rng, g))
@@ -176,8 +190,10 @@ def draw_scene(rng: np.random.Generator, label: int) -> Image.Image:
         d.rectangle([0, base, CANVAS, CANVAS], fill=_jit(rng, ground))
         if label == 9:
             x = rng.uniform(5, 40)
-            d.polygon([(x, base + 8), (x + 18, base + 8), (x + 14, base + 14), (x + 4, base + 14)],
-                      fill=(240, 240, 240))
+            d.polygon(
+                [(x, base + 8), (x + 18, base + 8), (x + 14, base + 14), (x + 4, base + 14)],
+                fill=(240, 240, 240),
+            )
     return _finish(img, rng)
 
 
@@ -230,8 +246,10 @@ def draw_car(rng: np.random.Generator, label: int) -> Image.Image:
             d.line([a, y0, a + 3, y0 - ch], fill=(40, 40, 40), width=2)
         else:
             d.polygon([(a, y0), (a + 4, y0 - ch), (back, y0 - ch), (b, y0)], fill=color)
-            d.polygon([(a + 3, y0 - 1), (a + 5, y0 - ch + 2), (back - 2, y0 - ch + 2), (b - 3, y0 - 1)],
-                      fill=(150, 200, 230))
+            d.polygon(
+                [(a + 3, y0 - 1), (a + 5, y0 - ch + 2), (back - 2, y0 - ch + 2), (b - 3, y0 - 1)],
+                fill=(150, 200, 230),
+            )
     else:  # van / bus: window row
         n = 3 if label == 5 else 6
         for i in range(n):
@@ -299,7 +317,9 @@ def draw_aerial(rng: np.random.Generator, label: int) -> Image.Image:
         for y in range(8, 56, 9):
             for x in range(8, 56, 6):
                 if rng.random() < 0.75:
-                    d.rectangle([x, y, x + 3, y + 6], fill=tuple(int(v) for v in rng.integers(30, 255, 3)))
+                    d.rectangle(
+                        [x, y, x + 3, y + 6], fill=tuple(int(v) for v in rng.integers(30, 255, 3))
+                    )
     elif label == 7:
         for _ in range(int(rng.integers(2, 5))):
             x, y, r = rng.uniform(8, 44), rng.uniform(8, 44), rng.uniform(6, 11)
@@ -333,8 +353,18 @@ EUROSAT_CLASSES = (
 
 
 def draw_landcover(rng: np.random.Generator, label: int) -> Image.Image:
-    base = [(150, 140, 80), (110, 130, 70), (30, 80, 40), (120, 120, 70), (130, 180, 90),
-            (90, 140, 70), (150, 150, 150), (120, 130, 110), (80, 130, 70), (30, 60, 120)][label]
+    base = [
+        (150, 140, 80),
+        (110, 130, 70),
+        (30, 80, 40),
+        (120, 120, 70),
+        (130, 180, 90),
+        (90, 140, 70),
+        (150, 150, 150),
+        (120, 130, 110),
+        (80, 130, 70),
+        (30, 60, 120),
+    ][label]
     img, d = _canvas(_jit(rng, base, 12))
     if label == 0:  # wide stripes of alternating crops
         for x in range(0, CANVAS, 10):
@@ -434,7 +464,13 @@ GTSRB_CLASSES = (
     "white and yellow diamond priority road",
 )
 
-RED, WHITE, BLUE, BLACK, YELLOW = (200, 30, 30), (245, 245, 245), (30, 70, 180), (20, 20, 20), (240, 200, 30)
+RED, WHITE, BLUE, BLACK, YELLOW = (
+    (200, 30, 30),
+    (245, 245, 245),
+    (30, 70, 180),
+    (20, 20, 20),
+    (240, 200, 30),
+)
 
 
 def _arrow(d, label: int) -> None:
@@ -461,10 +497,17 @@ def draw_sign(rng: np.random.Generator, label: int) -> Image.Image:
             d.rectangle([14, 27, 50, 37], fill=WHITE)
         else:
             d.ellipse([13, 13, 51, 51], fill=WHITE)
-            _text(d, (32, 33), "30" if label == 0 else "60", _font("DejaVuSans-Bold.ttf", 22), BLACK)
+            _text(
+                d, (32, 33), "30" if label == 0 else "60", _font("DejaVuSans-Bold.ttf", 22), BLACK
+            )
     elif label == 3:
-        pts = [(32 + 27 * math.cos(math.pi / 8 + k * math.pi / 4),
-                32 + 27 * math.sin(math.pi / 8 + k * math.pi / 4)) for k in range(8)]
+        pts = [
+            (
+                32 + 27 * math.cos(math.pi / 8 + k * math.pi / 4),
+                32 + 27 * math.sin(math.pi / 8 + k * math.pi / 4),
+            )
+            for k in range(8)
+        ]
         d.polygon(pts, fill=RED)
         _text(d, (32, 33), "STOP", _font("DejaVuSans-Bold.ttf", 13), WHITE)
     elif label == 4:
@@ -546,8 +589,13 @@ def draw_texture(rng: np.random.Generator, label: int) -> Image.Image:
         r = p * 0.6
         for j, y in enumerate(np.arange(-32, 96, r * 1.5)):
             for x in np.arange(-32 + (j % 2) * r * 0.866, 96, r * 1.732):
-                pts = [(x + r * math.cos(math.pi / 6 + k * math.pi / 3),
-                        y + r * math.sin(math.pi / 6 + k * math.pi / 3)) for k in range(6)]
+                pts = [
+                    (
+                        x + r * math.cos(math.pi / 6 + k * math.pi / 3),
+                        y + r * math.sin(math.pi / 6 + k * math.pi / 3),
+                    )
+                    for k in range(6)
+                ]
                 d.polygon(pts, outline=fg)
     img = _rotate(img, rng.uniform(0, 180) if label not in (2, 3, 9) else rng.uniform(-20, 20), bg)
     return _finish(img, rng)

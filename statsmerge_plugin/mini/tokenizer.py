@@ -88,9 +88,7 @@ def load_tokenizer(directory: Path):
     return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
 
 
-def used_merges(
-    merges: Sequence[Tuple[str, str]], tokens: Iterable[str]
-) -> List[Tuple[str, str]]:
+def used_merges(merges: Sequence[Tuple[str, str]], tokens: Iterable[str]) -> List[Tuple[str, str]]:
     """The merges that BPE applies to produce ``tokens``, kept in rank order.
 
     Every merge result string is unique in CLIP's vocabulary, so the merges that built a token are

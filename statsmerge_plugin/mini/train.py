@@ -241,7 +241,9 @@ def accuracy(vision_model, projection, head, split: Split, batch: int = 500) -> 
     vision_model.eval()
     correct = 0
     for i in range(0, len(split.labels), batch):
-        logits = vision_logits(vision_model, projection, head, to_pixels(split.images[i : i + batch]))
+        logits = vision_logits(
+            vision_model, projection, head, to_pixels(split.images[i : i + batch])
+        )
         correct += int((logits.argmax(-1).numpy() == split.labels[i : i + batch]).sum())
     return correct / len(split.labels)
 
