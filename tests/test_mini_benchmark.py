@@ -128,6 +128,14 @@ def test_build_key_tracks_recipe_seed_and_tasks():
     assert key.startswith("mini-clip-r") and "-smoke-s0-t2-" in key
 
 
+def test_source_digest_ignores_formatting_and_docstrings_only():
+    from statsmerge_plugin.mini.recipe import _code_fingerprint
+
+    plain = _code_fingerprint("def f(x):\n    return x + 1\n")
+    assert _code_fingerprint('def f( x ):\n    """Doc."""\n    return (x+1)  # note\n') == plain
+    assert _code_fingerprint("def f(x):\n    return x + 2\n") != plain
+
+
 def test_interrupted_build_is_not_taken_as_complete(tmp_path):
     code = (
         "from statsmerge_plugin.mini.build import build_mini_benchmark as b;"
