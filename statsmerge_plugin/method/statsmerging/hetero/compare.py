@@ -111,7 +111,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from statsmerge_plugin.mini import evaluate as mini_eval
     from statsmerge_plugin.mini.resolver import mini_clip_root
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     cache = work / f"students-{int(time.time())}"  # fresh: the timed run distils from scratch

@@ -51,7 +51,7 @@ class DistillOptions:
     weight_decay: float = 0.0
     warmup_fraction: float = 0.05
     batch_size: int = 64
-    augmentation: str = "crop"
+    augmentation: str = "none"
     crop_fraction: float = 0.125
     seed: int = 0
 

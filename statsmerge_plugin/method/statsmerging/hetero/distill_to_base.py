@@ -146,7 +146,7 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         weight_decay: float = 0.0,
         warmup_fraction: float = 0.05,
         batch_size: int = 64,
-        augmentation: str = "crop",
+        augmentation: str = "none",
         crop_fraction: float = 0.125,
         seed: int = 0,
         num_train_images: Optional[int] = None,
