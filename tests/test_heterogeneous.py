@@ -306,7 +306,7 @@ def test_label_free_never_reads_labels(mixed, tmp_path):
 def test_use_labels_trains_on_the_labels(mixed, tmp_path):
     cfg = mixed_config(mixed)
     wrong_cfg = mixed_config(scrambled_labels_copy(mixed, tmp_path))
-    opts = dict(FAST, use_labels=True, alpha=0.7)
+    opts = dict(FAST, use_labels=True, alpha=0.7, augmentation="flip_crop")  # online teacher
     _, ra = DistillToBaseForCLIP(cache_dir=str(tmp_path / "c1"), **opts).distill_pool(
         make_pool(cfg)
     )
