@@ -43,12 +43,12 @@ METHODS: Dict[str, tuple] = {
     ),
     "fisher": (
         "Fisher Merging",
-        ["method=fisher_merging/clip_fisher_merging", "method.num_workers=0"],
+        ["method=fisher_merging/clip_fisher_merging"],
         "Fisher information on train images",
     ),
     "regmean": (
         "RegMean",
-        ["method=regmean/clip_regmean", "method.num_workers=0"],
+        ["method=regmean/clip_regmean"],
         "Gram matrices on train images",
     ),
     "adamerging_lw": (

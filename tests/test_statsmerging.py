@@ -84,7 +84,10 @@ def test_every_variant_trains(tiny_pool, tmp_path, granularity, learner):
     assert len(losses) == 3 and all(np.isfinite(losses))
 
 
-def test_algorithm_gradients_reach_the_learner_only(tiny_pool):
+def prepared(tiny_pool):
+    """The algorithm's state just before training: heads, base model, images, task models loaded."""
+    from statsmerge_plugin.data import held_out_images
+
     alg = fast()
     alg.modelpool = tiny_pool
     tasks = tiny_pool.model_names
@@ -92,32 +95,28 @@ def test_algorithm_gradients_reach_the_learner_only(tiny_pool):
     base = tiny_pool.load_pretrained_model().requires_grad_(False)
     base_state = {n: p.detach() for n, p in base.named_parameters()}
     names = list(base_state)
-    from statsmerge_plugin.data import held_out_images
-
     images = {t: stack_images(held_out_images(tiny_pool, t, alg.clip_processor, 8)) for t in tasks}
     tvs, feats, teacher = alg.load_task_models(tasks, base_state, names, images)
-    learner = alg.build_learner(len(tasks), alg.learner_features(tvs, feats, names))
+    return alg, tasks, base, base_state, names, images, tvs, feats, teacher
+
+
+def test_algorithm_gradients_reach_the_learner_only(tiny_pool):
+    alg, tasks, base, base_state, names, images, tvs, feats, teacher = prepared(tiny_pool)
+    features = alg.learner_features(tvs, feats, names)
+    learner = alg.build_learner(len(tasks), features)
     batches = {t: torch.arange(4) for t in tasks}
-    loss = alg.distillation_step(learner, alg.learner_features(tvs, feats, names), base, base_state, tvs,
-                                 names, images, teacher, batches)
-    loss.backward()
+    alg.distillation_step(
+        learner, features, base, base_state, tvs, names, images, teacher, batches
+    ).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.parameters())
     assert all(p.grad is None for p in base.parameters())
     assert all(p.grad is None for p in alg.visual_projection.parameters())
-    assert not any(t.requires_grad for t in [*tvs.values(), *teacher.values(), *alg.zeroshot_weights.values()])
+    frozen = [*tvs.values(), *teacher.values(), *alg.zeroshot_weights.values()]
+    assert not any(t.requires_grad for t in frozen)
 
 
 def test_teacher_labels_come_from_each_tasks_own_finetuned_model(tiny_pool):
-    alg = fast()
-    alg.modelpool = tiny_pool
-    tasks = tiny_pool.model_names
-    alg.setup_zero_shot_classification_head(task_names=tasks)
-    base = tiny_pool.load_pretrained_model().requires_grad_(False)
-    base_state = {n: p.detach() for n, p in base.named_parameters()}
-    from statsmerge_plugin.data import held_out_images
-
-    images = {t: stack_images(held_out_images(tiny_pool, t, alg.clip_processor, 8)) for t in tasks}
-    _, _, teacher = alg.load_task_models(tasks, base_state, list(base_state), images)
+    alg, tasks, _, _, _, images, _, _, teacher = prepared(tiny_pool)
     for t in tasks:
         with torch.no_grad():
             want = alg.compute_logits(tiny_pool.load_model(t), images[t], t)
@@ -220,23 +219,20 @@ def test_task_without_class_names(tiny_clip):
         fast().run(make_pool(cfg))
 
 
-def test_mismatched_shapes_name_model_and_parameter(tiny_clip, tmp_path):
+@pytest.mark.parametrize(
+    "variant, message",
+    [
+        ({"hidden": 48}, "model 'eurosat': parameter 'vision_model.*' has shape"),
+        ({"num_layers": 3}, "model 'eurosat' does not have the parameters.*layers.2"),
+    ],
+)
+def test_mismatched_models_name_model_and_parameter(tiny_clip, tmp_path, variant, message):
     from tiny_clip import build_tiny_clip
 
-    wide = build_tiny_clip(tmp_path / "wide", tasks=("mnist",), n_images=4, hidden=48)
+    other = build_tiny_clip(tmp_path / "other", tasks=("mnist",), n_images=4, **variant)
     cfg = pool_config(tiny_clip)
-    cfg["models"]["eurosat"] = str(wide["models"]["mnist"])
-    with pytest.raises(ValueError, match="model 'eurosat': parameter 'vision_model.*' has shape"):
-        fast().run(make_pool(cfg))
-
-
-def test_mismatched_parameter_names(tiny_clip, tmp_path):
-    from tiny_clip import build_tiny_clip
-
-    deep = build_tiny_clip(tmp_path / "deep", tasks=("mnist",), n_images=4, num_layers=3)
-    cfg = pool_config(tiny_clip)
-    cfg["models"]["eurosat"] = str(deep["models"]["mnist"])
-    with pytest.raises(ValueError, match="model 'eurosat' does not have the parameters.*layers.2"):
+    cfg["models"]["eurosat"] = str(other["models"]["mnist"])
+    with pytest.raises(ValueError, match=message):
         fast().run(make_pool(cfg))
 
 
