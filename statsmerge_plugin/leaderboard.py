@@ -296,7 +296,7 @@ def pct(x: Optional[float]) -> str:
 def markdown(summary: dict, command: str, header: str = "") -> str:
     tasks = summary["tasks"]
     short = [t.removeprefix("mini_") for t in tasks]
-    lines = [header] if header else []
+    lines = [header, ""] if header else []
     lines += ["| Method | " + " | ".join(short) + " | Avg | Norm. | Time (s) | Peak RSS (MB) | Notes |",
               "|---" * (len(tasks) + 6) + "|"]
     for method, row in summary["methods"].items():
