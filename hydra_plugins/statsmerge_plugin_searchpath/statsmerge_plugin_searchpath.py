@@ -1,7 +1,8 @@
 """Hydra search-path plugin: makes ``fusion_bench method=statsmerging/...`` find our configs.
 
 Hydra imports every module of the top-level ``hydra_plugins`` namespace package on start-up, so this
-module stays import-light (hydra only).
+module stays import-light (hydra and omegaconf only). It also registers the ``${mini_clip:}``
+resolver used by the mini-TA8 configs; the resolver builds the benchmark only when first resolved.
 
 * ``pkg://statsmerge_plugin.config`` is our ``config/`` directory (shipped inside the wheel under that
   name; in an editable install the same name maps to the repository's ``config/``).
