@@ -10,7 +10,6 @@ Accuracies on random weights mean nothing: the tests check behaviour, never numb
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 from pathlib import Path
 

@@ -20,7 +20,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from statsmerge_plugin.mini import build as mini_build
 from statsmerge_plugin.mini import tokenizer as mini_tok
 from statsmerge_plugin.mini.build import build_mini_benchmark, ensure_built, read_manifest
 from statsmerge_plugin.mini.data import load_split

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, Features, Image as ImageFeature, Value
+from datasets import ClassLabel, Dataset, Features, Image as ImageFeature
 from PIL import Image
 from transformers import (
     CLIPConfig,
