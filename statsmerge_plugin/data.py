@@ -92,14 +92,18 @@ def resolve_held_out_source(modelpool, task: str, source: HeldOutSource = "auto"
     return split
 
 
-def held_out_indices(n_available: int, num_samples: Optional[int], seed: int, task: str, split: str):
+def held_out_indices(
+    n_available: int, num_samples: Optional[int], seed: int, task: str, split: str
+):
     """A seeded subset of ``range(n_available)`` of size ``num_samples`` (all when ``None``)."""
     if n_available == 0:
         raise ValueError(f"task {task!r}: the {split!r} split is empty, no unlabelled data to use")
     if num_samples is None:
         return list(range(n_available))
     if num_samples <= 0:
-        raise ValueError(f"task {task!r}: the number of unlabelled samples must be > 0, got {num_samples}")
+        raise ValueError(
+            f"task {task!r}: the number of unlabelled samples must be > 0, got {num_samples}"
+        )
     if num_samples > n_available:
         raise ValueError(
             f"task {task!r}: asked for {num_samples} unlabelled images but its {split!r} split has only "

@@ -29,7 +29,11 @@ from typing import Dict, List, Optional, Sequence
 # name -> (label, fusion_bench overrides, note). Our methods take `method.seed`; all take `seed`.
 METHODS: Dict[str, tuple] = {
     "pretrained": ("Pretrained (zero-shot)", ["method=dummy"], ""),
-    "individual": ("Individual (fine-tuned)", ["method=dummy"], "each task's own model on its own task"),
+    "individual": (
+        "Individual (fine-tuned)",
+        ["method=dummy"],
+        "each task's own model on its own task",
+    ),
     "simple_average": ("Simple Averaging", ["method=simple_average"], ""),
     "task_arithmetic": (
         "Task Arithmetic (λ=0.3)",
@@ -76,7 +80,11 @@ METHODS: Dict[str, tuple] = {
         ["method=statsmerging/clip_layer_wise", "method.learner=free"],
         "label-free, val images",
     ),
-    "prodistill": ("ProDistill (ours)", ["method=prodistill/clip"], "64 unlabelled val images per task"),
+    "prodistill": (
+        "ProDistill (ours)",
+        ["method=prodistill/clip"],
+        "64 unlabelled val images per task",
+    ),
 }
 OUR_METHODS = {"statsmerging_tw", "statsmerging_lw", "statsmerging_free", "prodistill"}
 DEFAULT_METHODS = [
@@ -108,7 +116,9 @@ class RunResult:
     log_dir: str = ""
 
 
-def fusion_bench_command(python: str, overrides: Sequence[str], config_dir: Optional[str]) -> List[str]:
+def fusion_bench_command(
+    python: str, overrides: Sequence[str], config_dir: Optional[str]
+) -> List[str]:
     cmd = [python, "-m", "fusion_bench"]
     if config_dir:
         cmd += ["--config-dir", str(config_dir)]
@@ -142,7 +152,11 @@ def last_error_line(log_file: Path) -> str:
 
 
 def task_accuracies(report: dict) -> Dict[str, float]:
-    return {k: float(v["accuracy"]) for k, v in report.items() if isinstance(v, dict) and "accuracy" in v and k != "average"}
+    return {
+        k: float(v["accuracy"])
+        for k, v in report.items()
+        if isinstance(v, dict) and "accuracy" in v and k != "average"
+    }
 
 
 class Leaderboard:
@@ -165,10 +179,20 @@ class Leaderboard:
 
     def tasks(self) -> List[str]:
         """Task names of the task pool, from Hydra's composed config (no model is loaded)."""
-        cmd = fusion_bench_command(self.args.python, [*self.common, "--cfg", "job", "-p", "taskpool"], self.args.config_dir)
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=self.args.cwd, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+        cmd = fusion_bench_command(
+            self.args.python, [*self.common, "--cfg", "job", "-p", "taskpool"], self.args.config_dir
+        )
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            cwd=self.args.cwd,
+            env=os.environ | {"HF_HUB_OFFLINE": "1"},
+        )
         if proc.returncode != 0:
-            raise SystemExit(f"cannot compose the task pool {self.args.taskpool!r}:\n{proc.stderr[-2000:]}")
+            raise SystemExit(
+                f"cannot compose the task pool {self.args.taskpool!r}:\n{proc.stderr[-2000:]}"
+            )
         from omegaconf import OmegaConf
 
         return list(OmegaConf.create(proc.stdout).test_datasets.keys())
@@ -182,11 +206,21 @@ class Leaderboard:
             log_dir = (self.runs_dir / f"{tag}_{i}").resolve()
         log_dir.mkdir(parents=True)
         cmd = fusion_bench_command(
-            self.args.python, [*self.common, *overrides, f"seed={seed}", f"path.log_dir={log_dir}"], self.args.config_dir
+            self.args.python,
+            [*self.common, *overrides, f"seed={seed}", f"path.log_dir={log_dir}"],
+            self.args.config_dir,
         )
         (log_dir / "command.txt").write_text(shlex.join(cmd) + "\n")
-        code, wall, rss = run_process(cmd, Path(self.args.cwd), log_dir / "stdout.log", self.args.timeout)
-        result = RunResult(method, seed, wall_time_s=round(wall, 1), peak_rss_mb=round(rss, 1), log_dir=str(log_dir))
+        code, wall, rss = run_process(
+            cmd, Path(self.args.cwd), log_dir / "stdout.log", self.args.timeout
+        )
+        result = RunResult(
+            method,
+            seed,
+            wall_time_s=round(wall, 1),
+            peak_rss_mb=round(rss, 1),
+            log_dir=str(log_dir),
+        )
         report_file = log_dir / "program_report.json"
         if code != 0 or not report_file.exists():
             result.status = "failed" if code != -9 else "timeout"
@@ -206,7 +240,10 @@ class Leaderboard:
         for task in tasks:  # each fine-tuned model, evaluated on its own task only
             others = [f"~taskpool.test_datasets.{t}" for t in tasks if t != task]
             one = self.run_one(
-                method, seed, overrides + [f"modelpool.models._pretrained_=${{modelpool.models.{task}}}", *others],
+                method,
+                seed,
+                overrides
+                + [f"modelpool.models._pretrained_=${{modelpool.models.{task}}}", *others],
                 f"individual_{task}_seed{seed}",
             )
             total.wall_time_s += one.wall_time_s
@@ -223,8 +260,15 @@ class Leaderboard:
             for seed in self.args.seeds:
                 print(f"[leaderboard] {method} (seed {seed}) ...", flush=True)
                 r = self.run_method(method, seed, tasks)
-                msg = f"avg {100 * statistics.mean(r.accuracy.values()):.1f}" if r.status == "ok" else r.error
-                print(f"[leaderboard] {method} (seed {seed}): {r.status}, {r.wall_time_s:.0f} s, {r.peak_rss_mb:.0f} MB, {msg}", flush=True)
+                msg = (
+                    f"avg {100 * statistics.mean(r.accuracy.values()):.1f}"
+                    if r.status == "ok"
+                    else r.error
+                )
+                print(
+                    f"[leaderboard] {method} (seed {seed}): {r.status}, {r.wall_time_s:.0f} s, {r.peak_rss_mb:.0f} MB, {msg}",
+                    flush=True,
+                )
                 results.append(r)
         return summarize(results, tasks, self.args.methods)
 
@@ -239,7 +283,9 @@ def summarize(results: List[RunResult], tasks: List[str], methods: Sequence[str]
             "label": METHODS[method][0],
             "note": METHODS[method][2],
             "seeds": [r.seed for r in runs],
-            "status": "ok" if ok and len(ok) == len(runs) else (runs[0].status if not ok else "partial"),
+            "status": (
+                "ok" if ok and len(ok) == len(runs) else (runs[0].status if not ok else "partial")
+            ),
             "errors": [r.error for r in runs if r.error],
             "wall_time_s": statistics.mean(r.wall_time_s for r in runs) if runs else None,
             "peak_rss_mb": max((r.peak_rss_mb for r in runs), default=None),
@@ -255,9 +301,15 @@ def summarize(results: List[RunResult], tasks: List[str], methods: Sequence[str]
         for row in rows.values():
             if "accuracy" in row:
                 row["normalized"] = statistics.mean(
-                    row["accuracy"][t] / individual[t] if individual[t] > 0 else float("nan") for t in tasks
+                    row["accuracy"][t] / individual[t] if individual[t] > 0 else float("nan")
+                    for t in tasks
                 )
-    return {"tasks": tasks, "methods": rows, "runs": [asdict(r) for r in results], "shape": shape_figures(rows)}
+    return {
+        "tasks": tasks,
+        "methods": rows,
+        "runs": [asdict(r) for r in results],
+        "shape": shape_figures(rows),
+    }
 
 
 def shape_figures(rows: dict) -> dict:
@@ -277,14 +329,30 @@ def shape_figures(rows: dict) -> dict:
     for m in ("simple_average", "task_arithmetic"):
         if m in avg and "individual" in avg:
             figures[f"{m}_gap_points"] = 100 * (avg["individual"] - avg[m])
-    chain = ["pretrained", "simple_average", "task_arithmetic", "ties", "adamerging_lw", "individual"]
-    strict = {("pretrained", "simple_average"), ("ties", "adamerging_lw"), ("adamerging_lw", "individual")}
+    chain = [
+        "pretrained",
+        "simple_average",
+        "task_arithmetic",
+        "ties",
+        "adamerging_lw",
+        "individual",
+    ]
+    strict = {
+        ("pretrained", "simple_average"),
+        ("ties", "adamerging_lw"),
+        ("adamerging_lw", "individual"),
+    }
     ranks = []
     for a, b in zip(chain, chain[1:]):
         if a in avg and b in avg:
             holds = avg[a] < avg[b] if (a, b) in strict else avg[a] <= avg[b]
-            ranks.append({"pair": f"{a} {'<' if (a, b) in strict else '≤'} {b}", "holds": holds,
-                          "values": [round(100 * avg[a], 1), round(100 * avg[b], 1)]})
+            ranks.append(
+                {
+                    "pair": f"{a} {'<' if (a, b) in strict else '≤'} {b}",
+                    "holds": holds,
+                    "values": [round(100 * avg[a], 1), round(100 * avg[b], 1)],
+                }
+            )
     figures["ranking"] = ranks
     return figures
 
@@ -297,19 +365,27 @@ def markdown(summary: dict, command: str, header: str = "") -> str:
     tasks = summary["tasks"]
     short = [t.removeprefix("mini_") for t in tasks]
     lines = [header, ""] if header else []
-    lines += ["| Method | " + " | ".join(short) + " | Avg | Norm. | Time (s) | Peak RSS (MB) | Notes |",
-              "|---" * (len(tasks) + 6) + "|"]
+    lines += [
+        "| Method | " + " | ".join(short) + " | Avg | Norm. | Time (s) | Peak RSS (MB) | Notes |",
+        "|---" * (len(tasks) + 6) + "|",
+    ]
     for method, row in summary["methods"].items():
         if "accuracy" in row:
             cells = [pct(row["accuracy"][t]) for t in tasks]
-            avg = pct(row["average"]) + (f" ± {100 * row['average_std']:.1f}" if row.get("average_std") else "")
+            avg = pct(row["average"]) + (
+                f" ± {100 * row['average_std']:.1f}" if row.get("average_std") else ""
+            )
             norm = pct(row.get("normalized"))
         else:
             cells, avg, norm = ["–"] * len(tasks), f"**{row['status']}**", "–"
         note = row["note"] if row["status"] == "ok" else "; ".join(row["errors"])[:200]
         time_s = "–" if row["wall_time_s"] is None else f"{row['wall_time_s']:.0f}"
         rss = "–" if row["peak_rss_mb"] is None else f"{row['peak_rss_mb']:.0f}"
-        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {avg} | {norm} | {time_s} | {rss} | {note} |")
+        lines.append(
+            f"| {row['label']} | "
+            + " | ".join(cells)
+            + f" | {avg} | {norm} | {time_s} | {rss} | {note} |"
+        )
     lines += ["", f"Command: `{command}`", ""]
     return "\n".join(lines)
 
@@ -321,11 +397,17 @@ def shape_markdown(shape: dict) -> str:
             out.append(f"- {key.replace('_', ' ')}: {100 * shape[key]:.1f}")
     for key in ("simple_average_gap_points", "task_arithmetic_gap_points"):
         if key in shape:
-            out.append(f"- {key.replace('_gap_points', '').replace('_', ' ')}: {shape[key]:.1f} points below individual")
+            out.append(
+                f"- {key.replace('_gap_points', '').replace('_', ' ')}: {shape[key]:.1f} points below individual"
+            )
     if "pretrained_below_every_individual" in shape:
-        out.append(f"- pretrained below every task's individual model: {shape['pretrained_below_every_individual']}")
+        out.append(
+            f"- pretrained below every task's individual model: {shape['pretrained_below_every_individual']}"
+        )
     for r in shape.get("ranking", []):
-        out.append(f"- {r['pair']}: {'holds' if r['holds'] else '**does not hold**'} ({r['values'][0]} vs {r['values'][1]})")
+        out.append(
+            f"- {r['pair']}: {'holds' if r['holds'] else '**does not hold**'} ({r['values'][0]} vs {r['values'][1]})"
+        )
     return "\n".join(out) + "\n"
 
 
@@ -335,12 +417,19 @@ def bar_chart(summary: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(r["label"], r["average"], r.get("average_std", 0.0), m in OUR_METHODS)
-            for m, r in summary["methods"].items() if "average" in r]
+    rows = [
+        (r["label"], r["average"], r.get("average_std", 0.0), m in OUR_METHODS)
+        for m, r in summary["methods"].items()
+        if "average" in r
+    ]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
     y = range(len(rows))
-    ax.barh(list(y), [100 * r[1] for r in rows], xerr=[100 * r[2] for r in rows],
-            color=["tab:orange" if r[3] else "tab:blue" for r in rows])
+    ax.barh(
+        list(y),
+        [100 * r[1] for r in rows],
+        xerr=[100 * r[2] for r in rows],
+        color=["tab:orange" if r[3] else "tab:blue" for r in rows],
+    )
     for i, r in enumerate(rows):
         ax.text(100 * r[1] + 0.5, i, f"{100 * r[1]:.1f}", va="center", fontsize=8)
     ax.set_yticks(list(y), labels=[r[0] for r in rows])
@@ -356,17 +445,39 @@ def bar_chart(summary: dict, path: Path) -> Path:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="statsmerge-leaderboard", description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated, from: {', '.join(METHODS)}")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds (program `seed` and our methods' `method.seed`)")
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated, from: {', '.join(METHODS)}",
+    )
+    p.add_argument(
+        "--seeds",
+        default="0",
+        help="comma-separated seeds (program `seed` and our methods' `method.seed`)",
+    )
     p.add_argument("--modelpool", default="CLIPVisionModelPool/mini-clip_TA8")
     p.add_argument("--taskpool", default="CLIPVisionModelTaskPool/mini-clip_TA8")
-    p.add_argument("--config-dir", default=None, help="extra Hydra config dir (fusion_bench --config-dir)")
-    p.add_argument("--override", action="append", default=[], help="a Hydra override for every run (repeatable)")
-    p.add_argument("--method-override", action="append", default=[],
-                   help="METHOD:KEY=VALUE, a Hydra override for one method's runs (repeatable)")
-    p.add_argument("--out", default="docs/leaderboard", help="output stem: writes OUT.md, OUT.json, OUT.png")
-    p.add_argument("--runs-dir", default=None, help="where each run's log dir goes (default: OUT_runs)")
+    p.add_argument(
+        "--config-dir", default=None, help="extra Hydra config dir (fusion_bench --config-dir)"
+    )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="a Hydra override for every run (repeatable)",
+    )
+    p.add_argument(
+        "--method-override",
+        action="append",
+        default=[],
+        help="METHOD:KEY=VALUE, a Hydra override for one method's runs (repeatable)",
+    )
+    p.add_argument(
+        "--out", default="docs/leaderboard", help="output stem: writes OUT.md, OUT.json, OUT.png"
+    )
+    p.add_argument(
+        "--runs-dir", default=None, help="where each run's log dir goes (default: OUT_runs)"
+    )
     p.add_argument("--timeout", type=float, default=3600, help="seconds per fusion_bench process")
     p.add_argument("--cwd", default=".", help="working directory of the fusion_bench processes")
     p.add_argument("--python", default=sys.executable)
@@ -383,7 +494,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for item in args.method_override:
         name, sep, _ = item.partition(":")
         if not sep or name not in METHODS:
-            p.error(f"--method-override {item!r}: expected METHOD:KEY=VALUE with METHOD in {list(METHODS)}")
+            p.error(
+                f"--method-override {item!r}: expected METHOD:KEY=VALUE with METHOD in {list(METHODS)}"
+            )
     return args
 
 

@@ -29,7 +29,9 @@ def coefficient_heatmap(
     return path
 
 
-def loss_curves(curves: Mapping[str, Sequence[float]], path: Path, title: str, xlabel: str = "step") -> Path:
+def loss_curves(
+    curves: Mapping[str, Sequence[float]], path: Path, title: str, xlabel: str = "step"
+) -> Path:
     """One line per named curve; log-scale y when every value is positive."""
     fig, ax = plt.subplots(figsize=(7, 4))
     positive = True

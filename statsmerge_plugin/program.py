@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 
 def accuracy_table(report: dict, title: str = "") -> str:
     """A markdown table of the per-task accuracies (%) of a FusionBench task-pool report."""
-    tasks = [k for k, v in report.items() if isinstance(v, dict) and "accuracy" in v and k != "average"]
+    tasks = [
+        k for k, v in report.items() if isinstance(v, dict) and "accuracy" in v and k != "average"
+    ]
     lines = [f"### {title}", ""] if title else []
     lines += ["| task | accuracy (%) |", "|---|---|"]
     lines += [f"| {t} | {100 * report[t]['accuracy']:.1f} |" for t in tasks]

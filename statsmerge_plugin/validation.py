@@ -12,7 +12,9 @@ def check_choice(option: str, value, choices: Iterable) -> None:
     """Raise ``ValueError`` naming ``option`` if ``value`` is not one of ``choices``."""
     choices = tuple(choices)
     if value not in choices:
-        raise ValueError(f"invalid value {value!r} for option `{option}`: expected one of {choices}")
+        raise ValueError(
+            f"invalid value {value!r} for option `{option}`: expected one of {choices}"
+        )
 
 
 def check_positive(option: str, value, allow_none: bool = False, allow_zero: bool = False) -> None:
@@ -22,7 +24,9 @@ def check_positive(option: str, value, allow_none: bool = False, allow_zero: boo
     ok = ok and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"invalid value {value!r} for option `{option}`: expected a number {bound}")
+        raise ValueError(
+            f"invalid value {value!r} for option `{option}`: expected a number {bound}"
+        )
 
 
 def check_pool_models(modelpool, min_models: int = 2) -> None:
@@ -41,7 +45,10 @@ def check_pool_models(modelpool, min_models: int = 2) -> None:
 
 def check_task_classnames(tasks: Iterable[str]) -> None:
     """Every task must have FusionBench class names and templates (its zero-shot head needs them)."""
-    from fusion_bench.tasks.clip_classification import CLIPTemplateFactory, get_classnames_and_templates
+    from fusion_bench.tasks.clip_classification import (
+        CLIPTemplateFactory,
+        get_classnames_and_templates,
+    )
 
     for task in tasks:
         try:
@@ -110,7 +117,8 @@ def check_same_groups(
     what: str = "block",
 ) -> None:
     """Each group (e.g. transformer block index → local parameter names) of ``model_name`` must have
-    exactly the names of the same group of ``base_name``; the error names the model and the group."""
+    exactly the names of the same group of ``base_name``; the error names the model and the group.
+    """
     for key in sorted(set(base_groups) | set(groups)):
         if key not in groups:
             raise ValueError(f"model {model_name!r} has no {what} {key}, which {base_name!r} has")

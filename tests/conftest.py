@@ -61,7 +61,11 @@ def write_tiny_configs(paths: dict, config_dir: Path, pool_overrides: dict | Non
 
 def run_fusion_bench(args, cwd: Path, log_dir: Path | None = None, timeout: int = 600, python=None):
     """Run the ``fusion_bench`` CLI in a subprocess; returns the CompletedProcess (checked)."""
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = os.environ | {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     cmd = [python or sys.executable, "-m", "fusion_bench", *args]
     if log_dir is not None:
         cmd.append(f"path.log_dir={log_dir}")

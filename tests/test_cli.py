@@ -17,10 +17,17 @@ TA8 = ["sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist
 
 def statsmerging_args(config_dir: Path, *extra: str):
     return [
-        "--config-dir", str(config_dir),
-        "method=statsmerging/clip_layer_wise", "modelpool=tiny", "taskpool=tiny",
-        "method.max_steps=3", "method.num_unlabelled_per_task=8", "method.hidden_dim=16",
-        "fabric.accelerator=cpu", "print_config=false", *extra,
+        "--config-dir",
+        str(config_dir),
+        "method=statsmerging/clip_layer_wise",
+        "modelpool=tiny",
+        "taskpool=tiny",
+        "method.max_steps=3",
+        "method.num_unlabelled_per_task=8",
+        "method.hidden_dim=16",
+        "fabric.accelerator=cpu",
+        "print_config=false",
+        *extra,
     ]
 
 
@@ -30,7 +37,9 @@ def check_run(log_dir: Path, tasks=("mnist", "eurosat")):
     out = log_dir / "statsmerging"
     rows = list(csv.reader(open(out / "coefficients.csv")))
     assert sorted(r[0] for r in rows[1:]) == sorted(tasks) and len(rows[0]) == 1 + 39
-    assert (out / "coefficients.pt").is_file() and (out / "coefficients_heatmap.png").stat().st_size > 1000
+    assert (out / "coefficients.pt").is_file() and (
+        out / "coefficients_heatmap.png"
+    ).stat().st_size > 1000
     return report
 
 
@@ -45,7 +54,9 @@ def test_cli_run_on_the_tiny_pool(tiny_clip, tmp_path, where):
 
 def test_cli_fast_dev_run_takes_one_step(tiny_clip, tmp_path):
     config_dir = write_tiny_configs(tiny_clip, tmp_path / "cfg")
-    run_fusion_bench(statsmerging_args(config_dir, "fast_dev_run=true"), cwd=tmp_path, log_dir=tmp_path / "run")
+    run_fusion_bench(
+        statsmerging_args(config_dir, "fast_dev_run=true"), cwd=tmp_path, log_dir=tmp_path / "run"
+    )
     assert read_json(tmp_path / "run" / "statsmerging" / "summary.json")["steps"] == 1
 
 
@@ -61,8 +72,16 @@ def test_cli_ddp_two_cpu_processes_agree_and_only_rank_zero_writes(tiny_clip, tm
 
 
 def compose_job(cwd: Path, method: str, modelpool: str, python=None) -> str:
-    cmd = [python or sys.executable, "-m", "fusion_bench", f"method={method}", f"modelpool={modelpool}",
-           "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8", "--cfg", "job"]
+    cmd = [
+        python or sys.executable,
+        "-m",
+        "fusion_bench",
+        f"method={method}",
+        f"modelpool={modelpool}",
+        "taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8",
+        "--cfg",
+        "job",
+    ]
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -73,8 +92,11 @@ def compose_job(cwd: Path, method: str, modelpool: str, python=None) -> str:
 def test_cfg_job_composes_the_real_ta8_val_pool(tmp_path, where, method):
     from omegaconf import OmegaConf
 
-    out = compose_job(REPO_ROOT if where == "repo_root" else tmp_path, method,
-                      "CLIPVisionModelPool/clip-vit-base-patch32_TA8_val")
+    out = compose_job(
+        REPO_ROOT if where == "repo_root" else tmp_path,
+        method,
+        "CLIPVisionModelPool/clip-vit-base-patch32_TA8_val",
+    )
     cfg = OmegaConf.create(out)
     assert cfg.method._target_ == "statsmerge_plugin.method.statsmerging.StatsMergingForCLIP"
     assert cfg.method.granularity == method.split("clip_")[1]
@@ -88,7 +110,11 @@ def test_cfg_job_composes_the_real_ta8_val_pool(tmp_path, where, method):
 def test_other_ta8_val_pools_compose(tmp_path, size):
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create(compose_job(tmp_path, "statsmerging/clip_layer_wise", f"CLIPVisionModelPool/clip-vit-{size}_TA8_val"))
+    cfg = OmegaConf.create(
+        compose_job(
+            tmp_path, "statsmerging/clip_layer_wise", f"CLIPVisionModelPool/clip-vit-{size}_TA8_val"
+        )
+    )
     assert list(cfg.modelpool.val_datasets) == TA8
     assert cfg.modelpool.models._pretrained_ == f"openai/clip-vit-{size}"
 
@@ -97,29 +123,72 @@ def test_wheel_install_finds_our_configs(tmp_path):
     """A non-editable wheel in a fresh virtualenv (dependencies from this environment) finds our configs."""
     wheel_dir = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir), str(REPO_ROOT)],
-        check=True, capture_output=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheel_dir),
+            str(REPO_ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
     )
     wheel = next(wheel_dir.glob("statsmerge_plugin-*.whl"))
     import zipfile
 
     names = zipfile.ZipFile(wheel).namelist()
     assert "statsmerge_plugin/config/method/statsmerging/clip_layer_wise.yaml" in names
-    assert not any(n.startswith("config/") for n in names), "a top-level config/ would hijack FusionBench"
+    assert not any(
+        n.startswith("config/") for n in names
+    ), "a top-level config/ would hijack FusionBench"
     env_dir = tmp_path / "venv"
     venv.create(env_dir, system_site_packages=True, with_pip=False)
     py = str(env_dir / "bin" / "python")
-    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--target", site, str(wheel)],
-                   check=True, capture_output=True, timeout=600)
+    site = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-compile",
+            "--target",
+            site,
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     # what the venv imports is the wheel's copy, not this checkout
     probe = subprocess.run(
-        [py, "-c", "import statsmerge_plugin, importlib.resources as r, hydra_plugins.statsmerge_plugin_searchpath as h; "
-         "print(statsmerge_plugin.__file__); print(r.files('statsmerge_plugin.config')); print(h.__file__)"],
-        cwd=tmp_path, check=True, capture_output=True, text=True,
+        [
+            py,
+            "-c",
+            "import statsmerge_plugin, importlib.resources as r, hydra_plugins.statsmerge_plugin_searchpath as h; "
+            "print(statsmerge_plugin.__file__); print(r.files('statsmerge_plugin.config')); print(h.__file__)",
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.split()
     assert all(p.startswith(site) for p in probe), probe
-    out = compose_job(tmp_path, "statsmerging/clip_layer_wise", "CLIPVisionModelPool/clip-vit-base-patch32_TA8_val",
-                      python=py)
+    out = compose_job(
+        tmp_path,
+        "statsmerging/clip_layer_wise",
+        "CLIPVisionModelPool/clip-vit-base-patch32_TA8_val",
+        python=py,
+    )
     assert "statsmerge_plugin.method.statsmerging.StatsMergingForCLIP" in out

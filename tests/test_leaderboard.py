@@ -14,14 +14,30 @@ from statsmerge_plugin.program import accuracy_table
 def test_leaderboard_runs_methods_reports_failures_and_writes_md_json_png(tiny_clip, tmp_path):
     config_dir = write_tiny_configs(tiny_clip, tmp_path / "cfg")
     out = tmp_path / "docs" / "leaderboard"
-    code = main([
-        "--config-dir", str(config_dir), "--modelpool", "tiny", "--taskpool", "tiny",
-        "--methods", "pretrained,individual,task_arithmetic,ties,statsmerging_lw",
-        "--method-override", "statsmerging_lw:method.max_steps=2",
-        "--method-override", "statsmerging_lw:method.num_unlabelled_per_task=8",
-        "--method-override", "ties:method.threshold=not_a_number",  # makes TIES fail at run time
-        "--override", "fabric.accelerator=cpu", "--out", str(out), "--cwd", str(tmp_path),
-    ])
+    code = main(
+        [
+            "--config-dir",
+            str(config_dir),
+            "--modelpool",
+            "tiny",
+            "--taskpool",
+            "tiny",
+            "--methods",
+            "pretrained,individual,task_arithmetic,ties,statsmerging_lw",
+            "--method-override",
+            "statsmerging_lw:method.max_steps=2",
+            "--method-override",
+            "statsmerging_lw:method.num_unlabelled_per_task=8",
+            "--method-override",
+            "ties:method.threshold=not_a_number",  # makes TIES fail at run time
+            "--override",
+            "fabric.accelerator=cpu",
+            "--out",
+            str(out),
+            "--cwd",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     summary = json.loads(out.with_suffix(".json").read_text())
     rows = summary["methods"]
@@ -33,16 +49,37 @@ def test_leaderboard_runs_methods_reports_failures_and_writes_md_json_png(tiny_c
     assert rows["individual"]["normalized"] == pytest.approx(1.0)
     # individual = each task's own fine-tuned model, evaluated on its own task only
     individual_runs = sorted((tmp_path / "docs" / "leaderboard_runs").glob("individual_*_seed0"))
-    assert [p.name for p in individual_runs] == ["individual_eurosat_seed0", "individual_mnist_seed0"]
+    assert [p.name for p in individual_runs] == [
+        "individual_eurosat_seed0",
+        "individual_mnist_seed0",
+    ]
     report = json.loads((individual_runs[0] / "program_report.json").read_text())
     assert "eurosat" in report and "mnist" not in report
     md = out.with_suffix(".md").read_text()
-    assert "**failed**" in md and "Task Arithmetic" in md and "Command: `statsmerge-leaderboard" in md
+    assert (
+        "**failed**" in md and "Task Arithmetic" in md and "Command: `statsmerge-leaderboard" in md
+    )
     assert out.with_suffix(".png").stat().st_size > 2000
     # a second run keeps the first table
     first = out.with_suffix(".md").read_text()
-    main(["--config-dir", str(config_dir), "--modelpool", "tiny", "--taskpool", "tiny", "--methods", "pretrained",
-          "--override", "fabric.accelerator=cpu", "--out", str(out), "--cwd", str(tmp_path)])
+    main(
+        [
+            "--config-dir",
+            str(config_dir),
+            "--modelpool",
+            "tiny",
+            "--taskpool",
+            "tiny",
+            "--methods",
+            "pretrained",
+            "--override",
+            "fabric.accelerator=cpu",
+            "--out",
+            str(out),
+            "--cwd",
+            str(tmp_path),
+        ]
+    )
     assert (out.parent / "leaderboard.previous.md").read_text() == first
 
 
@@ -50,8 +87,14 @@ def test_shape_figures_check_the_real_benchmarks_ranking():
     def row(avg):
         return {"average": avg, "accuracy": {"a": avg, "b": avg}}
 
-    rows = {"pretrained": row(0.5), "simple_average": row(0.6), "task_arithmetic": row(0.58),
-            "ties": row(0.7), "adamerging_lw": row(0.8), "individual": row(0.95)}
+    rows = {
+        "pretrained": row(0.5),
+        "simple_average": row(0.6),
+        "task_arithmetic": row(0.58),
+        "ties": row(0.7),
+        "adamerging_lw": row(0.8),
+        "individual": row(0.95),
+    }
     shape = shape_figures(rows)
     holds = {r["pair"]: r["holds"] for r in shape["ranking"]}
     assert holds["simple_average ≤ task_arithmetic"] is False
@@ -76,9 +119,20 @@ def test_accuracy_table():
 def test_table_program_prints_and_saves_the_table(tiny_clip, tmp_path):
     config_dir = write_tiny_configs(tiny_clip, tmp_path / "cfg")
     proc = run_fusion_bench(
-        ["--config-dir", str(config_dir), "--config-name", "statsmerging_mini", "modelpool=tiny", "taskpool=tiny",
-         "method.max_steps=1", "method.num_unlabelled_per_task=8", "fabric.accelerator=cpu", "print_config=false"],
-        cwd=REPO_ROOT, log_dir=tmp_path / "run",
+        [
+            "--config-dir",
+            str(config_dir),
+            "--config-name",
+            "statsmerging_mini",
+            "modelpool=tiny",
+            "taskpool=tiny",
+            "method.max_steps=1",
+            "method.num_unlabelled_per_task=8",
+            "fabric.accelerator=cpu",
+            "print_config=false",
+        ],
+        cwd=REPO_ROOT,
+        log_dir=tmp_path / "run",
     )
     assert "| **average** |" in proc.stdout
     assert "| mnist |" in (tmp_path / "run" / "report_table.md").read_text()

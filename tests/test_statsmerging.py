@@ -24,7 +24,9 @@ def make_pool(cfg: dict):
 
 
 def with_log_dir(alg, log_dir: Path):
-    fabric = L.Fabric(accelerator="cpu", devices=1, loggers=TensorBoardLogger(str(log_dir), name="", version=""))
+    fabric = L.Fabric(
+        accelerator="cpu", devices=1, loggers=TensorBoardLogger(str(log_dir), name="", version="")
+    )
     fabric.launch()
     alg.fabric = fabric
     return alg
@@ -35,12 +37,21 @@ def fast(**kw):
     return StatsMergingForCLIP(**(opts | kw))
 
 
-def test_run_writes_outputs_and_returns_the_merge_of_its_coefficients(tiny_clip, tiny_pool, tmp_path):
+def test_run_writes_outputs_and_returns_the_merge_of_its_coefficients(
+    tiny_clip, tiny_pool, tmp_path
+):
     alg = with_log_dir(fast(), tmp_path)
     merged = alg.run(tiny_pool)
     out = tmp_path / "statsmerging"
-    for name in ["coefficients.pt", "coefficients.csv", "statistics.csv", "loss.csv", "loss.png",
-                 "coefficients_heatmap.png", "summary.json"]:
+    for name in [
+        "coefficients.pt",
+        "coefficients.csv",
+        "statistics.csv",
+        "loss.csv",
+        "loss.png",
+        "coefficients_heatmap.png",
+        "summary.json",
+    ]:
         assert (out / name).is_file(), name
     saved = torch.load(out / "coefficients.pt")
     coef, names, tasks = saved["coefficients"], saved["tensor_names"], saved["tasks"]
@@ -55,10 +66,22 @@ def test_run_writes_outputs_and_returns_the_merge_of_its_coefficients(tiny_clip,
     rows = list(csv.reader(open(out / "coefficients.csv")))
     assert rows[0] == ["task", *names] and [r[0] for r in rows[1:]] == tasks
     stats_rows = list(csv.reader(open(out / "statistics.csv")))
-    assert stats_rows[0] == ["task", "tensor", "mean", "variance", "l2_norm", "sigma_1", "sigma_2", "sigma_3"]
+    assert stats_rows[0] == [
+        "task",
+        "tensor",
+        "mean",
+        "variance",
+        "l2_norm",
+        "sigma_1",
+        "sigma_2",
+        "sigma_3",
+    ]
     assert len(stats_rows) == 1 + 2 * len(names)
     summary = read_json(out / "summary.json")
-    assert summary["steps"] == 3 and summary["unlabelled_data"]["mnist"] == {"split": "val", "num_images": 8}
+    assert summary["steps"] == 3 and summary["unlabelled_data"]["mnist"] == {
+        "split": "val",
+        "num_images": 8,
+    }
 
 
 def test_outputs_are_never_overwritten(tiny_pool, tmp_path):
@@ -79,7 +102,9 @@ def test_every_variant_trains(tiny_pool, tmp_path, granularity, learner):
     assert torch.isfinite(coef).all()
     if learner == "free":  # starts uniform; training must move it
         assert (coef - 0.5).abs().max() > 1e-3
-    losses = [float(r[1]) for r in list(csv.reader(open(tmp_path / "statsmerging" / "loss.csv")))[1:]]
+    losses = [
+        float(r[1]) for r in list(csv.reader(open(tmp_path / "statsmerging" / "loss.csv")))[1:]
+    ]
     assert len(losses) == 3 and all(np.isfinite(losses))
 
 
@@ -140,8 +165,12 @@ def relabelled_test_pool(tiny_clip, tmp_path, seed):
 def test_random_test_labels_leave_coefficients_bit_identical(tiny_clip, tmp_path):
     coefs = []
     for seed in (1, 2):
-        with_log_dir(fast(max_steps=4), tmp_path / str(seed)).run(relabelled_test_pool(tiny_clip, tmp_path, seed))
-        coefs.append(torch.load(tmp_path / str(seed) / "statsmerging" / "coefficients.pt")["coefficients"])
+        with_log_dir(fast(max_steps=4), tmp_path / str(seed)).run(
+            relabelled_test_pool(tiny_clip, tmp_path, seed)
+        )
+        coefs.append(
+            torch.load(tmp_path / str(seed) / "statsmerging" / "coefficients.pt")["coefficients"]
+        )
     assert torch.equal(coefs[0], coefs[1])
 
 
@@ -149,7 +178,9 @@ def test_test_split_is_never_read(tiny_clip):
     cfg = pool_config(tiny_clip)
     for task in cfg["test_datasets"]:
         cfg["test_datasets"][task]["dataset_path"] = "/nonexistent/test/split/must/not/be/read"
-    fast(max_steps=1).run(make_pool(cfg))  # would raise FileNotFoundError if any test split were loaded
+    fast(max_steps=1).run(
+        make_pool(cfg)
+    )  # would raise FileNotFoundError if any test split were loaded
 
 
 def test_train_slice_is_used_when_the_pool_has_no_val_split(tiny_clip, tmp_path):
@@ -169,8 +200,17 @@ def without(d: dict, key: str) -> dict:
 
 @pytest.mark.parametrize(
     "option, value",
-    [("granularity", "block_wise"), ("learner", "mlp"), ("loss", "mse"), ("data_source", "test"),
-     ("feature_norm", "zscore"), ("svd_rank", -1), ("max_steps", 0), ("lr", -1.0), ("output_norm", "tanh")],
+    [
+        ("granularity", "block_wise"),
+        ("learner", "mlp"),
+        ("loss", "mse"),
+        ("data_source", "test"),
+        ("feature_norm", "zscore"),
+        ("svd_rank", -1),
+        ("max_steps", 0),
+        ("lr", -1.0),
+        ("output_norm", "tanh"),
+    ],
 )
 def test_invalid_options_name_the_option(option, value):
     with pytest.raises(ValueError, match=f"`{option}`"):
@@ -244,5 +284,7 @@ def test_nan_weights_name_model_and_parameter(tiny_clip, tmp_path):
     broken.save_pretrained(tmp_path / "nan_model")
     cfg = pool_config(tiny_clip)
     cfg["models"]["eurosat"] = str(tmp_path / "nan_model")
-    with pytest.raises(ValueError, match="model 'eurosat': parameter 'vision_model.post_layernorm.weight'.*NaN"):
+    with pytest.raises(
+        ValueError, match="model 'eurosat': parameter 'vision_model.post_layernorm.weight'.*NaN"
+    ):
         fast().run(make_pool(cfg))

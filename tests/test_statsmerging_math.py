@@ -44,7 +44,9 @@ def test_randomized_svd_matches_exact_top_values():
     g = torch.Generator().manual_seed(0)
     u = torch.randn(300, 5, generator=g)
     v = torch.randn(5, 200, generator=g)
-    m = u @ torch.diag(torch.tensor([50.0, 20.0, 10.0, 5.0, 2.0])) @ v + 0.01 * torch.randn(300, 200, generator=g)
+    m = u @ torch.diag(torch.tensor([50.0, 20.0, 10.0, 5.0, 2.0])) @ v + 0.01 * torch.randn(
+        300, 200, generator=g
+    )
     exact = top_singular_values(m, 3, exact_max_numel=10**9)
     randomized = top_singular_values(m, 3, exact_max_numel=100)
     torch.testing.assert_close(randomized, exact, rtol=1e-3, atol=1e-3)
@@ -79,7 +81,14 @@ def test_pooled_statistics_match_numpy():
     got = pooled_tensor_statistics([torch.tensor(t) for t in tvs]).numpy()
     stacked = np.stack([t.ravel() for t in tvs])
     sv = np.linalg.svd(stacked, compute_uv=False)
-    want = [stacked.mean(), stacked.std(ddof=1), stacked.var(ddof=1), np.linalg.norm(stacked), sv[0], (sv > 1e-3).sum()]
+    want = [
+        stacked.mean(),
+        stacked.std(ddof=1),
+        stacked.var(ddof=1),
+        np.linalg.norm(stacked),
+        sv[0],
+        (sv > 1e-3).sum(),
+    ]
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
@@ -136,12 +145,20 @@ def test_merge_rule_and_task_wise_broadcast():
 def test_one_hot_coefficients_reproduce_the_finetuned_model():
     torch.manual_seed(0)
     base_model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
-    finetuned = [torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)) for _ in range(2)]
+    finetuned = [
+        torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+        for _ in range(2)
+    ]
     names = [n for n, _ in base_model.named_parameters()]
     base = dict(base_model.named_parameters())
-    tvs = {n: torch.stack([dict(m.named_parameters())[n] - base[n] for m in finetuned]).detach() for n in names}
+    tvs = {
+        n: torch.stack([dict(m.named_parameters())[n] - base[n] for m in finetuned]).detach()
+        for n in names
+    }
     x = torch.randn(8, 5)
-    merged = functional_model(base_model, merge_state(base, tvs, torch.tensor([[0.0], [1.0]]), names))
+    merged = functional_model(
+        base_model, merge_state(base, tvs, torch.tensor([[0.0], [1.0]]), names)
+    )
     torch.testing.assert_close(merged(x), finetuned[1](x), atol=1e-6, rtol=1e-5)
 
 
@@ -154,10 +171,17 @@ def test_gradients_reach_only_the_learner():
     head = torch.randn(3, 3)
     learner = StatsMergeLearner(2, 2, 6, hidden_dim=8)
     feats = torch.randn(2, 2, 6)
-    out = functional_model(base_model, merge_state(base, tvs, learner(feats), names))(torch.randn(4, 5)) @ head
+    out = (
+        functional_model(base_model, merge_state(base, tvs, learner(feats), names))(
+            torch.randn(4, 5)
+        )
+        @ head
+    )
     distillation_loss("ce_hard", out, torch.randn(4, 3)).backward()
     grads = {n: p.grad for n, p in learner.named_parameters()}
-    output_bias = "mlp.4.bias"  # softmax over tasks is shift-invariant: the shared output bias gets none
+    output_bias = (
+        "mlp.4.bias"  # softmax over tasks is shift-invariant: the shared output bias gets none
+    )
     assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n != output_bias)
     assert grads[output_bias].abs().max() < 1e-6
     assert all(p.grad is None for p in base_model.parameters())

@@ -13,7 +13,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, Features, Image as ImageFeature
+from datasets import ClassLabel, Dataset, Features
+from datasets import Image as ImageFeature
 from PIL import Image
 from transformers import (
     CLIPConfig,
@@ -49,9 +50,7 @@ def random_image_dataset(n: int, num_classes: int, seed: int) -> Dataset:
     rng = np.random.default_rng(seed)
     images = [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(n)]
     labels = [int(x) for x in rng.integers(0, num_classes, n)]
-    features = Features(
-        {"image": ImageFeature(), "label": ClassLabel(num_classes=num_classes)}
-    )
+    features = Features({"image": ImageFeature(), "label": ClassLabel(num_classes=num_classes)})
     return Dataset.from_dict({"image": images, "label": labels}, features=features)
 
 
@@ -94,7 +93,9 @@ def build_tiny_clip(
         patch_size=8,
         projection_dim=16,
     )
-    clip = CLIPModel(CLIPConfig(text_config=tc.to_dict(), vision_config=vc.to_dict(), projection_dim=16))
+    clip = CLIPModel(
+        CLIPConfig(text_config=tc.to_dict(), vision_config=vc.to_dict(), projection_dim=16)
+    )
     clip.save_pretrained(root / "pretrained")
     proc.save_pretrained(root / "pretrained")
     paths = {"root": root, "pretrained": root / "pretrained", "models": {}, "data": {}}
@@ -124,7 +125,10 @@ def pool_config(paths: dict, splits: Sequence[str] = ("train", "val", "test")) -
     }
     for split in splits:
         cfg[f"{split}_datasets"] = {
-            t: {"_target_": "datasets.load_from_disk", "dataset_path": str(paths["data"][(t, split)])}
+            t: {
+                "_target_": "datasets.load_from_disk",
+                "dataset_path": str(paths["data"][(t, split)]),
+            }
             for t in paths["models"]
         }
     return cfg
@@ -151,7 +155,10 @@ def taskpool_config(paths: dict) -> dict:
             "shuffle": False,
         },
         "test_datasets": {
-            t: {"_target_": "datasets.load_from_disk", "dataset_path": str(paths["data"][(t, "test")])}
+            t: {
+                "_target_": "datasets.load_from_disk",
+                "dataset_path": str(paths["data"][(t, "test")]),
+            }
             for t in paths["models"]
         },
     }

@@ -22,4 +22,6 @@ _register_mini_clip()  # ${mini_clip:} in the mini-clip_TA8 configs (omegaconf o
 class StatsMergePluginSearchPathPlugin(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
         search_path.append(provider="statsmerge-plugin", path="pkg://statsmerge_plugin.config")
-        search_path.append(provider="statsmerge-plugin-fusion-bench", path="pkg://fusion_bench_config")
+        search_path.append(
+            provider="statsmerge-plugin-fusion-bench", path="pkg://fusion_bench_config"
+        )

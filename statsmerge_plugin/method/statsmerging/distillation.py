@@ -21,7 +21,9 @@ DistillationLoss = Literal["ce_hard", "kl_soft"]
 DISTILLATION_LOSSES = ("ce_hard", "kl_soft")
 
 
-def hard_pseudo_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+def hard_pseudo_label_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor
+) -> torch.Tensor:
     """Cross-entropy of the student against the teacher's argmax labels."""
     return F.cross_entropy(student_logits, teacher_logits.argmax(dim=-1))
 

@@ -53,7 +53,9 @@ def shared_mlp(in_features: int, hidden_dim: int, num_hidden_layers: int = 2) ->
 class PerTensorMLPs(nn.Module):
     """L independent MLPs ``D -> H -> H -> K``, evaluated together: input ``[L, D]``, output ``[L, K]``."""
 
-    def __init__(self, num_tensors: int, in_features: int, hidden_dim: int, num_tasks: int, out_bias: float):
+    def __init__(
+        self, num_tensors: int, in_features: int, hidden_dim: int, num_tasks: int, out_bias: float
+    ):
         super().__init__()
         sizes = [in_features, hidden_dim, hidden_dim, num_tasks]
         self.weights = nn.ParameterList()
@@ -104,7 +106,9 @@ class StatsMergeLearner(nn.Module):
         if mode not in LEARNER_MODES:
             raise ValueError(f"invalid learner mode {mode!r}: expected one of {LEARNER_MODES}")
         if output_norm not in OUTPUT_NORMS:
-            raise ValueError(f"invalid output normalisation {output_norm!r}: expected one of {OUTPUT_NORMS}")
+            raise ValueError(
+                f"invalid output normalisation {output_norm!r}: expected one of {OUTPUT_NORMS}"
+            )
         self.num_tasks, self.num_tensors, self.in_features = num_tasks, num_tensors, in_features
         self.mode, self.output_norm = mode, output_norm
         if mode == "shared":

@@ -17,7 +17,10 @@ from torch.func import functional_call
 
 
 def merge_tensor(
-    pretrained: torch.Tensor, task_vectors: torch.Tensor, coefficients: torch.Tensor, name: str = "<tensor>"
+    pretrained: torch.Tensor,
+    task_vectors: torch.Tensor,
+    coefficients: torch.Tensor,
+    name: str = "<tensor>",
 ) -> torch.Tensor:
     """``pretrained + sum_k coefficients[k] * task_vectors[k]`` for one tensor.
 
@@ -63,7 +66,9 @@ def functional_model(base: nn.Module, state: Mapping[str, torch.Tensor]) -> Call
 
 
 def task_vectors_of(
-    pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor], names: Sequence[str]
+    pretrained: Mapping[str, torch.Tensor],
+    finetuned: Mapping[str, torch.Tensor],
+    names: Sequence[str],
 ) -> Dict[str, torch.Tensor]:
     """tau = theta_k - theta_0 for every tensor in ``names``."""
     return {name: finetuned[name].detach() - pretrained[name].detach() for name in names}

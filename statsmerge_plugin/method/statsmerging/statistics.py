@@ -115,7 +115,9 @@ def pool_task_wise(features: torch.Tensor) -> torch.Tensor:
     return features.mean(dim=1, keepdim=True)
 
 
-def pooled_tensor_statistics(task_tensors: Sequence[torch.Tensor], name: str = "<tensor>") -> torch.Tensor:
+def pooled_tensor_statistics(
+    task_tensors: Sequence[torch.Tensor], name: str = "<tensor>"
+) -> torch.Tensor:
     """The official code's per-tensor features, pooled over tasks (spec §2.2, "official" mode).
 
     The K task vectors of one tensor (or of several tensors, concatenated) are flattened into a ``K x n``
@@ -140,4 +142,3 @@ def pooled_tensor_statistics(task_tensors: Sequence[torch.Tensor], name: str = "
 
 
 POOLED_FEATURES = ("mean", "std", "variance", "l2_norm", "sigma_1", "rank")
-

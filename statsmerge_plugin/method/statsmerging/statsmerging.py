@@ -44,9 +44,21 @@ from fusion_bench.mixins import CLIPClassificationMixin, SimpleProfilerMixin
 from fusion_bench.modelpool import CLIPVisionModelPool
 from tqdm.auto import tqdm
 
-from statsmerge_plugin.data import HELD_OUT_SOURCES, held_out_images, resolve_held_out_source, stack_images
-from statsmerge_plugin.method.statsmerging.distillation import DISTILLATION_LOSSES, distillation_loss
-from statsmerge_plugin.method.statsmerging.learner import LEARNER_MODES, OUTPUT_NORMS, StatsMergeLearner
+from statsmerge_plugin.data import (
+    HELD_OUT_SOURCES,
+    held_out_images,
+    resolve_held_out_source,
+    stack_images,
+)
+from statsmerge_plugin.method.statsmerging.distillation import (
+    DISTILLATION_LOSSES,
+    distillation_loss,
+)
+from statsmerge_plugin.method.statsmerging.learner import (
+    LEARNER_MODES,
+    OUTPUT_NORMS,
+    StatsMergeLearner,
+)
 from statsmerge_plugin.method.statsmerging.merge import functional_model, merge_state
 from statsmerge_plugin.method.statsmerging.statistics import (
     FEATURE_NORMS,
@@ -175,7 +187,12 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
         with self.profile("load unlabelled data"):
             images = {
                 t: held_out_images(
-                    modelpool, t, self.clip_processor, self.num_unlabelled_per_task, self.seed, self.data_source
+                    modelpool,
+                    t,
+                    self.clip_processor,
+                    self.num_unlabelled_per_task,
+                    self.seed,
+                    self.data_source,
                 )
                 for t in tasks
             }
@@ -216,7 +233,9 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
             "final_loss": losses[-1] if losses else None,
             "world_size": self.fabric.world_size,
             "rank_max_abs_diff": self.rank_max_abs_diff,
-            "unlabelled_data": {t: {"split": sources[t], "num_images": len(images[t])} for t in tasks},
+            "unlabelled_data": {
+                t: {"split": sources[t], "num_images": len(images[t])} for t in tasks
+            },
             "wall_time_s": round(time.time() - start, 2),
         }
         self.save_outputs_(tasks, names, coefficients, features, losses, summary)
@@ -237,7 +256,9 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
         }
         features = torch.zeros(K, L, 3 + self.svd_rank)
         teacher: Dict[str, torch.Tensor] = {}
-        for k, task in enumerate(tqdm(tasks, "StatsMerging: task models", disable=not self.fabric.is_global_zero)):
+        for k, task in enumerate(
+            tqdm(tasks, "StatsMerging: task models", disable=not self.fabric.is_global_zero)
+        ):
             with self.profile("load task models"):
                 model = self.modelpool.load_model(task)
                 state = trainable_state(model)
@@ -255,14 +276,21 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
                 for l, name in enumerate(names):
                     finetuned = model.get_parameter(name).detach()
                     task_vectors[name][k] = finetuned - base_state[name]
-                    source = task_vectors[name][k] if self.stats_source == "task_vector" else finetuned
+                    source = (
+                        task_vectors[name][k] if self.stats_source == "task_vector" else finetuned
+                    )
                     features[k, l] = tensor_statistics(
-                        source, self.svd_rank, name=f"{task}:{name}", exact_max_numel=self.svd_exact_max_numel
+                        source,
+                        self.svd_rank,
+                        name=f"{task}:{name}",
+                        exact_max_numel=self.svd_exact_max_numel,
                     ).cpu()
             del model, state
         return task_vectors, features, teacher
 
-    def learner_features(self, task_vectors, features: torch.Tensor, names: List[str]) -> torch.Tensor:
+    def learner_features(
+        self, task_vectors, features: torch.Tensor, names: List[str]
+    ) -> torch.Tensor:
         """The learner's input for the chosen granularity and learner mode."""
         if self.learner == "per_tensor":
             if self.granularity == "layer_wise":
@@ -271,7 +299,9 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
                 )
             else:
                 K = next(iter(task_vectors.values())).shape[0]
-                whole = [torch.cat([task_vectors[n][k].reshape(-1) for n in names]) for k in range(K)]
+                whole = [
+                    torch.cat([task_vectors[n][k].reshape(-1) for n in names]) for k in range(K)
+                ]
                 pooled = pooled_tensor_statistics(whole, name="<all tensors>").unsqueeze(0)
             return normalize_features(pooled, self.feature_norm)
         if self.granularity == "task_wise":
@@ -287,10 +317,14 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
             mode=self.learner,
             hidden_dim=self.hidden_dim,
             output_norm=self.output_norm,
-            out_bias=0.3 if (self.learner == "per_tensor" and self.granularity == "task_wise") else 0.0,
+            out_bias=(
+                0.3 if (self.learner == "per_tensor" and self.granularity == "task_wise") else 0.0
+            ),
         )
 
-    def train_learner(self, tasks, base, base_state, task_vectors, names, learner_features, images, teacher):
+    def train_learner(
+        self, tasks, base, base_state, task_vectors, names, learner_features, images, teacher
+    ):
         """Adam + StepLR on the summed per-task distillation losses (spec §3, steps E-F)."""
         torch.manual_seed(self.seed)  # the learner's initialisation is identical on every rank
         learner = self.build_learner(len(tasks), learner_features)
@@ -309,11 +343,21 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
         for _ in bar:
             with self.profile("train step"):
                 batches = {
-                    t: torch.randperm(len(images[t]), generator=generator)[: self.batch_size_per_task]
+                    t: torch.randperm(len(images[t]), generator=generator)[
+                        : self.batch_size_per_task
+                    ]
                     for t in tasks
                 }
                 loss = self.distillation_step(
-                    learner, learner_features, base, base_state, task_vectors, names, images, teacher, batches
+                    learner,
+                    learner_features,
+                    base,
+                    base_state,
+                    task_vectors,
+                    names,
+                    images,
+                    teacher,
+                    batches,
                 )
                 optimizer.zero_grad(set_to_none=True)
                 self.fabric.backward(loss)
@@ -327,7 +371,16 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
         return coefficients, losses
 
     def distillation_step(
-        self, learner, learner_features, base, base_state, task_vectors, names, images, teacher, batches
+        self,
+        learner,
+        learner_features,
+        base,
+        base_state,
+        task_vectors,
+        names,
+        images,
+        teacher,
+        batches,
     ) -> torch.Tensor:
         """One merged forward per task batch; returns the summed distillation loss (a graph to the learner)."""
         coefficients = learner(learner_features)
@@ -350,7 +403,9 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
         return diff
 
     # ------------------------------------------------------------------------------------------------
-    def save_outputs_(self, tasks, names, coefficients, features, losses, summary) -> Optional[Path]:
+    def save_outputs_(
+        self, tasks, names, coefficients, features, losses, summary
+    ) -> Optional[Path]:
         """Coefficients (.pt, .csv), statistics table, loss curve, heatmap and a JSON summary (rank 0)."""
         if not (self.save_outputs and self.fabric.is_global_zero and self.log_dir is not None):
             return None
@@ -360,7 +415,12 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
         columns = names if coefficients.shape[1] == len(names) else ["all_tensors"]
         coef = coefficients.cpu()
         torch.save(
-            {"coefficients": coef, "tasks": tasks, "tensor_names": columns, "options": self.config_dict()},
+            {
+                "coefficients": coef,
+                "tasks": tasks,
+                "tensor_names": columns,
+                "options": self.config_dict(),
+            },
             out / "coefficients.pt",
         )
         with open(out / "coefficients.csv", "w", newline="") as f:
@@ -379,7 +439,9 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
             w.writerow(["step", "loss"])
             w.writerows(enumerate(losses))
         if losses:
-            loss_curves({"distillation loss": losses}, out / "loss.png", "StatsMerging training loss")
+            loss_curves(
+                {"distillation loss": losses}, out / "loss.png", "StatsMerging training loss"
+            )
         coefficient_heatmap(
             coef.numpy(),
             tasks,
