@@ -111,36 +111,34 @@ def test_every_variant_trains(tiny_pool, tmp_path, granularity, learner):
 def prepared(tiny_pool):
     """The algorithm's state just before training: heads, base model, images, task models loaded."""
     from statsmerge_plugin.data import held_out_images
+    from statsmerge_plugin.method.statsmerging.merge import TaskVectorMerge
+    from statsmerge_plugin.validation import trainable_state
 
     alg = fast()
     alg.modelpool = tiny_pool
     tasks = tiny_pool.model_names
     alg.setup_zero_shot_classification_head(task_names=tasks)
     base = tiny_pool.load_pretrained_model().requires_grad_(False)
-    base_state = {n: p.detach() for n, p in base.named_parameters()}
-    names = list(base_state)
     images = {t: stack_images(held_out_images(tiny_pool, t, alg.clip_processor, 8)) for t in tasks}
-    tvs, feats, teacher = alg.load_task_models(tasks, base_state, names, images)
-    return alg, tasks, base, base_state, names, images, tvs, feats, teacher
+    tvs, feats, teacher = alg.load_task_models(tasks, trainable_state(base), images)
+    return alg, tasks, TaskVectorMerge(base, trainable_state(base), tvs), images, feats, teacher
 
 
 def test_algorithm_gradients_reach_the_learner_only(tiny_pool):
-    alg, tasks, base, base_state, names, images, tvs, feats, teacher = prepared(tiny_pool)
-    features = alg.learner_features(tvs, feats, names)
+    alg, tasks, target, images, feats, teacher = prepared(tiny_pool)
+    features = alg.learner_features(target.task_vectors, feats, target.names)
     learner = alg.build_learner(len(tasks), features)
     batches = {t: torch.arange(4) for t in tasks}
-    alg.distillation_step(
-        learner, features, base, base_state, tvs, names, images, teacher, batches
-    ).backward()
+    alg.distillation_step(learner, features, target, images, teacher, batches).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.parameters())
-    assert all(p.grad is None for p in base.parameters())
+    assert all(p.grad is None for p in target.base.parameters())
     assert all(p.grad is None for p in alg.visual_projection.parameters())
-    frozen = [*tvs.values(), *teacher.values(), *alg.zeroshot_weights.values()]
+    frozen = [*target.task_vectors.values(), *teacher.values(), *alg.zeroshot_weights.values()]
     assert not any(t.requires_grad for t in frozen)
 
 
 def test_teacher_labels_come_from_each_tasks_own_finetuned_model(tiny_pool):
-    alg, tasks, _, _, _, images, _, _, teacher = prepared(tiny_pool)
+    alg, tasks, _, images, _, teacher = prepared(tiny_pool)
     for t in tasks:
         with torch.no_grad():
             want = alg.compute_logits(tiny_pool.load_model(t), images[t], t)

@@ -9,7 +9,8 @@ theta_0 and the task vectors are constants.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -65,10 +66,23 @@ def functional_model(base: nn.Module, state: Mapping[str, torch.Tensor]) -> Call
     return forward
 
 
-def task_vectors_of(
-    pretrained: Mapping[str, torch.Tensor],
-    finetuned: Mapping[str, torch.Tensor],
-    names: Sequence[str],
-) -> Dict[str, torch.Tensor]:
-    """tau = theta_k - theta_0 for every tensor in ``names``."""
-    return {name: finetuned[name].detach() - pretrained[name].detach() for name in names}
+@dataclass
+class TaskVectorMerge:
+    """Everything the merge rule needs: the frozen base module, its parameters theta_0 (the merged
+    tensors, in order) and the task vectors stacked per tensor (name -> ``[K, *shape]``)."""
+
+    base: nn.Module
+    pretrained: Dict[str, torch.Tensor]
+    task_vectors: Dict[str, torch.Tensor]
+
+    @property
+    def names(self) -> List[str]:
+        return list(self.pretrained)
+
+    def state(self, coefficients: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The merged parameters for ``[K, L]`` (or ``[K, 1]``) coefficients."""
+        return merge_state(self.pretrained, self.task_vectors, coefficients, self.names)
+
+    def model(self, coefficients: torch.Tensor) -> Callable:
+        """The base module run functionally with the merged parameters."""
+        return functional_model(self.base, self.state(coefficients))

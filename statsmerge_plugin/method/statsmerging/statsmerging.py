@@ -59,7 +59,7 @@ from statsmerge_plugin.method.statsmerging.learner import (
     OUTPUT_NORMS,
     StatsMergeLearner,
 )
-from statsmerge_plugin.method.statsmerging.merge import functional_model, merge_state
+from statsmerge_plugin.method.statsmerging.merge import TaskVectorMerge
 from statsmerge_plugin.method.statsmerging.statistics import (
     FEATURE_NORMS,
     feature_names,
@@ -212,17 +212,15 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
             names = list(base_state)
         self.setup_zero_shot_classification_head(task_names=tasks)
         base = self.to_device(base).eval()
-        base_state = {n: p.detach() for n, p in base.named_parameters()}
 
-        task_vectors, features, teacher = self.load_task_models(tasks, base_state, names, images)
+        base_state = trainable_state(base)  # on the compute device now
+        task_vectors, features, teacher = self.load_task_models(tasks, base_state, images)
+        target = TaskVectorMerge(base, base_state, task_vectors)
         learner_features = self.learner_features(task_vectors, features, names)
-        coefficients, losses = self.train_learner(
-            tasks, base, base_state, task_vectors, names, learner_features, images, teacher
-        )
+        coefficients, losses = self.train_learner(tasks, target, learner_features, images, teacher)
 
         with torch.no_grad():
-            merged = merge_state(base_state, task_vectors, coefficients, names)
-            base.load_state_dict(merged, strict=False)
+            base.load_state_dict(target.state(coefficients), strict=False)
         summary = {
             "method": "statsmerging",
             "granularity": self.granularity,
@@ -244,12 +242,13 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
 
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def load_task_models(self, tasks: List[str], base_state, names: List[str], images):
+    def load_task_models(self, tasks: List[str], base_state, images):
         """Load each task model once: check it, take its task vector and statistics, label its images.
 
-        Returns ``task_vectors`` (name -> ``[K, *shape]``), per-task statistics ``[K, L, 3 + r]`` and the
+        The merged tensors are the keys of ``base_state``, in order. Returns ``task_vectors`` (name -> ``[K, *shape]``), per-task statistics ``[K, L, 3 + r]`` and the
         teacher logits of each task's unlabelled images.
         """
+        names = list(base_state)
         K, L = len(tasks), len(names)
         task_vectors: Dict[str, torch.Tensor] = {
             n: base_state[n].new_empty((K, *base_state[n].shape)) for n in names
@@ -322,9 +321,7 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
             ),
         )
 
-    def train_learner(
-        self, tasks, base, base_state, task_vectors, names, learner_features, images, teacher
-    ):
+    def train_learner(self, tasks, target: TaskVectorMerge, learner_features, images, teacher):
         """Adam + StepLR on the summed per-task distillation losses (spec §3, steps E-F)."""
         torch.manual_seed(self.seed)  # the learner's initialisation is identical on every rank
         learner = self.build_learner(len(tasks), learner_features)
@@ -349,15 +346,7 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
                     for t in tasks
                 }
                 loss = self.distillation_step(
-                    learner,
-                    learner_features,
-                    base,
-                    base_state,
-                    task_vectors,
-                    names,
-                    images,
-                    teacher,
-                    batches,
+                    learner, learner_features, target, images, teacher, batches
                 )
                 optimizer.zero_grad(set_to_none=True)
                 self.fabric.backward(loss)
@@ -371,20 +360,10 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
         return coefficients, losses
 
     def distillation_step(
-        self,
-        learner,
-        learner_features,
-        base,
-        base_state,
-        task_vectors,
-        names,
-        images,
-        teacher,
-        batches,
+        self, learner, learner_features, target: TaskVectorMerge, images, teacher, batches
     ) -> torch.Tensor:
-        """One merged forward per task batch; returns the summed distillation loss (a graph to the learner)."""
-        coefficients = learner(learner_features)
-        merged = functional_model(base, merge_state(base_state, task_vectors, coefficients, names))
+        """One merged forward per task batch; the summed distillation loss (a graph to the learner)."""
+        merged = target.model(learner(learner_features))
         loss = 0.0
         for task, idx in batches.items():
             student = self.compute_logits(merged, images[task][idx.to(images[task].device)], task)
