@@ -11,31 +11,40 @@ from statsmerge_plugin.leaderboard import main, parse_args, shape_figures
 from statsmerge_plugin.program import accuracy_table
 
 
+def tiny_leaderboard_args(config_dir, out, cwd, methods: str) -> list:
+    """statsmerge-leaderboard arguments for the tiny pool written by ``write_tiny_configs``."""
+    return [
+        "--config-dir",
+        str(config_dir),
+        "--modelpool",
+        "tiny",
+        "--taskpool",
+        "tiny",
+        "--methods",
+        methods,
+        "--override",
+        "fabric.accelerator=cpu",
+        "--out",
+        str(out),
+        "--cwd",
+        str(cwd),
+    ]
+
+
 def test_leaderboard_runs_methods_reports_failures_and_writes_md_json_png(tiny_clip, tmp_path):
     config_dir = write_tiny_configs(tiny_clip, tmp_path / "cfg")
     out = tmp_path / "docs" / "leaderboard"
     code = main(
-        [
-            "--config-dir",
-            str(config_dir),
-            "--modelpool",
-            "tiny",
-            "--taskpool",
-            "tiny",
-            "--methods",
-            "pretrained,individual,task_arithmetic,ties,statsmerging_lw",
+        tiny_leaderboard_args(
+            config_dir, out, tmp_path, "pretrained,individual,task_arithmetic,ties,statsmerging_lw"
+        )
+        + [
             "--method-override",
             "statsmerging_lw:method.max_steps=2",
             "--method-override",
             "statsmerging_lw:method.num_unlabelled_per_task=8",
             "--method-override",
             "ties:method.threshold=not_a_number",  # makes TIES fail at run time
-            "--override",
-            "fabric.accelerator=cpu",
-            "--out",
-            str(out),
-            "--cwd",
-            str(tmp_path),
         ]
     )
     assert code == 0
@@ -62,24 +71,7 @@ def test_leaderboard_runs_methods_reports_failures_and_writes_md_json_png(tiny_c
     assert out.with_suffix(".png").stat().st_size > 2000
     # a second run keeps the first table
     first = out.with_suffix(".md").read_text()
-    main(
-        [
-            "--config-dir",
-            str(config_dir),
-            "--modelpool",
-            "tiny",
-            "--taskpool",
-            "tiny",
-            "--methods",
-            "pretrained",
-            "--override",
-            "fabric.accelerator=cpu",
-            "--out",
-            str(out),
-            "--cwd",
-            str(tmp_path),
-        ]
-    )
+    main(tiny_leaderboard_args(config_dir, out, tmp_path, "pretrained"))
     assert (out.parent / "leaderboard.previous.md").read_text() == first
 
 
