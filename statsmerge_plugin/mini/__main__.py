@@ -27,11 +27,39 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "--force", action="store_true", help="rebuild even if a complete build exists"
     )
     build.add_argument("--quiet", action="store_true", help="no progress bars")
+    shape = sub.add_parser(
+        "shape",
+        help="build a recipe variant (no test evaluation) and print its val shape",
+        description="The cheap loop of the recipe search: how FusionBench's reference merges rank "
+        "on a variant's val split, and the single-task-vector diagnostic.",
+    )
+    shape.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KNOB=VALUE",
+        help="override a recipe knob of the preset (repeatable), e.g. --set ft_lr=1e-4",
+    )
+    shape.add_argument("--seed", type=int, default=0)
+    shape.add_argument("--root", default=None, help="cache dir (as for build)")
+    shape.add_argument("--preset", default="default", choices=["default", "smoke"])
+    shape.add_argument(
+        "--adamerging-steps",
+        type=int,
+        default=1000,
+        help="layer-wise AdaMerging steps on the val images (FusionBench's 1000; 0 skips it)",
+    )
+    shape.add_argument("--log", default=None, help="JSON-lines log (default <root>/variants.jsonl)")
+    shape.add_argument("--name", default="", help="a label for the log")
+    shape.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.command == "shape":
+        return shape_main(args)
     from .build import build_mini_benchmark
     from .evaluate import format_table
 
@@ -47,6 +75,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(format_table(manifest["test_accuracy"], manifest["tasks"]), file=sys.stderr)
     print(json.dumps(manifest["timings_seconds"]), file=sys.stderr)
     print(manifest["path"])
+    return 0
+
+
+def shape_main(args: argparse.Namespace) -> int:
+    from .recipe import get_recipe
+    from .shape import format_shape, parse_overrides, run_variant
+
+    overrides = parse_overrides(args.overrides, get_recipe(args.preset))
+    record = run_variant(
+        overrides,
+        seed=args.seed,
+        root=args.root,
+        preset=args.preset,
+        adamerging_steps=args.adamerging_steps,
+        log=args.log,
+        name=args.name,
+        progress=not args.quiet,
+    )
+    print(f"variant {args.name or overrides} seed {args.seed}: {record['key']}")
+    print(format_shape(record))
+    print(json.dumps({"build": record["build_timings_seconds"], **record["timings_seconds"]}))
     return 0
 
 

@@ -1,8 +1,9 @@
 """The deterministic, cached, atomic builder of the mini benchmark.
 
-A build lives in ``<root>/<key>/`` where ``key`` (see ``recipe.build_key``) changes with the recipe,
-preset, seed, task subset, the builder's own source and the library versions, so that stale
-weights (and FusionBench's zero-shot-head cache keyed on the model path) are never reused::
+A build lives in ``<root>/<key>/`` where ``key`` (see ``recipe.build_key``) changes with the recipe
+(its knobs and ``RECIPE_VERSION``), preset, seed, task subset and the library versions, so that stale
+weights (and FusionBench's zero-shot-head cache keyed on the model path) are never reused, while a
+refactor of the code keeps every build::
 
     <key>/data/<task>/{train,val,test}   datasets.save_to_disk, features image + label
     <key>/pretrained/                    CLIPModel + CLIPProcessor
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Sequence, Union
 
-from .recipe import RECIPE_VERSION, Recipe, build_key, get_recipe, library_versions
+from .recipe import RECIPE_VERSION, Recipe, build_key, get_recipe, library_versions, pretrain_key
 from .tasks import TASK_NAMES
 
 ENV_ROOT = "STATSMERGE_MINI_ROOT"
@@ -92,8 +93,38 @@ def _stage(timings: Dict[str, float], name: str, start: float) -> float:
     return now
 
 
+def pretrained_clip(stage_dir: Optional[Path], recipe: Recipe, seed: int, processor, pools, pbar):
+    """The contrastively pretrained CLIP and its loss curve, from ``stage_dir`` if it holds one.
+
+    ``stage_dir`` (``<root>/.stages/<pretrain_key>``) lets builds that differ only in their
+    fine-tuning knobs share one pretraining (what a recipe search varies most).
+    """
+    from transformers import CLIPModel
+
+    from . import train
+
+    if stage_dir is not None and (stage_dir / "losses.json").exists():
+        clip = CLIPModel.from_pretrained(stage_dir)
+        clip.logit_scale.requires_grad_(False)
+        return clip.eval(), json.loads((stage_dir / "losses.json").read_text())
+    clip = train.make_clip(recipe, processor.tokenizer)
+    losses = train.pretrain(clip, processor.tokenizer, pools, recipe, seed, pbar)
+    if stage_dir is not None:
+        tmp = stage_dir.with_name(f".tmp-{stage_dir.name}-{os.getpid()}")
+        clip.save_pretrained(tmp)
+        (tmp / "losses.json").write_text(json.dumps(losses))
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        os.replace(tmp, stage_dir)
+    return clip, losses
+
+
 def build_into(
-    out: Path, recipe: Recipe, seed: int, tasks: Sequence[str], pbar: bool = True
+    out: Path,
+    recipe: Recipe,
+    seed: int,
+    tasks: Sequence[str],
+    pbar: bool = True,
+    stage_dir: Optional[Path] = None,
 ) -> dict:
     """Build everything except the manifest into ``out``; return the manifest's content."""
     import datasets
@@ -116,9 +147,8 @@ def build_into(
     t = _stage(timings, "data", t)
 
     processor = train.make_processor(out / "pretrained")
-    clip = train.make_clip(recipe, processor.tokenizer)
-    losses = train.pretrain(
-        clip, processor.tokenizer, {k: v["pretrain"] for k, v in splits.items()}, recipe, seed, pbar
+    clip, losses = pretrained_clip(
+        stage_dir, recipe, seed, processor, {k: v["pretrain"] for k, v in splits.items()}, pbar
     )
     clip.save_pretrained(out / "pretrained")
     processor.save_pretrained(out / "pretrained")
@@ -204,8 +234,11 @@ def build_mini_benchmark(
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = root / f".tmp-{key}-{os.getpid()}"
             try:
+                stage_dir = root / ".stages" / pretrain_key(recipe, seed, tasks)
+                if force:
+                    shutil.rmtree(stage_dir, ignore_errors=True)
                 with torch_threads(recipe.num_threads):
-                    manifest = build_into(tmp, recipe, seed, tasks, pbar=progress)
+                    manifest = build_into(tmp, recipe, seed, tasks, progress, stage_dir)
                 manifest.update(preset=preset, key=key, complete=True)
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
                 _install(tmp, target)
@@ -220,12 +253,7 @@ def ensure_built(
     tasks: Union[None, str, Sequence[str]] = None,
     preset: str = "default",
     progress: bool = True,
+    recipe: Optional[Recipe] = None,
 ) -> Path:
     """Path of a complete build, building it first if needed (cheap when it exists)."""
-    recipe = get_recipe(preset)
-    tasks_ = normalize_tasks(tasks)
-    root_ = Path(root).expanduser() if root is not None else default_root()
-    target = root_ / build_key(recipe, preset, seed, tasks_)
-    if read_manifest(target) is None:
-        build_mini_benchmark(root_, seed, tasks_, preset, progress=progress)
-    return target
+    return Path(build_mini_benchmark(root, seed, tasks, preset, recipe=recipe, progress=progress)["path"])

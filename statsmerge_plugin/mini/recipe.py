@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Dict, Sequence
 
-# Bump when the meaning of a knob changes; code changes are caught by ``source_digest`` anyway.
-RECIPE_VERSION = 1
+# The recipe's version: part of every build key. Bump it whenever what a knob means, or what the
+# data generators and training code produce for the same knobs, changes (a pure refactor does not).
+RECIPE_VERSION = 2
+
+# Which part of a build a knob determines; ``run`` knobs do not change data or weights.
+STAGES = ("data", "model", "pretrain", "finetune")
+
+
+def _knob(default, stage: str):
+    return field(default=default, metadata={"stage": stage})
 
 
 @dataclass(frozen=True)
@@ -19,33 +25,34 @@ class Recipe:
     """All knobs of a build. Sizes are images per class; steps are optimizer steps."""
 
     # data
-    n_pretrain: int = 100
-    n_train: int = 200
-    n_val: int = 20
-    n_test: int = 50
+    n_pretrain: int = _knob(100, "pretrain")  # the separate pool pretraining draws from
+    n_train: int = _knob(200, "data")
+    n_val: int = _knob(50, "data")
+    n_test: int = _knob(50, "data")
     # model (vision: 32x32 images in 8x8 patches)
-    patch_size: int = 8
-    vision_width: int = 128
-    vision_layers: int = 4
-    text_width: int = 64
-    text_layers: int = 1
-    heads: int = 4
-    projection_dim: int = 64
+    patch_size: int = _knob(8, "model")
+    vision_width: int = _knob(128, "model")
+    vision_layers: int = _knob(4, "model")
+    text_width: int = _knob(64, "model")
+    text_layers: int = _knob(1, "model")
+    heads: int = _knob(4, "model")
+    projection_dim: int = _knob(64, "model")
     # contrastive pretraining of the whole CLIP
-    pretrain_steps: int = 500
-    pretrain_batch: int = 128
-    pretrain_lr: float = 1e-3
-    pretrain_wd: float = 0.1
-    pair_frac: float = 0.6  # fraction of (2k, 2k+1) class pairs whose captions are blurred
+    pretrain_steps: int = _knob(500, "pretrain")
+    pretrain_batch: int = _knob(128, "pretrain")
+    pretrain_lr: float = _knob(1e-3, "pretrain")
+    pretrain_wd: float = _knob(0.1, "pretrain")
+    # fraction of the (2k, 2k+1) class pairs whose captions are blurred
+    pair_frac: float = _knob(0.6, "pretrain")
     # fine-tuning of the vision tower against the frozen zero-shot head
-    ft_steps: int = 200
-    ft_batch: int = 32
-    ft_lr: float = 2e-4
-    ft_wd: float = 0.0
-    # evaluation through FusionBench written into the manifest
-    evaluate: bool = True
-    evaluate_merges: bool = True
-    num_threads: int = 2
+    ft_steps: int = _knob(200, "finetune")
+    ft_batch: int = _knob(32, "finetune")
+    ft_lr: float = _knob(2e-4, "finetune")
+    ft_wd: float = _knob(0.0, "finetune")
+    # evaluation through FusionBench written into the manifest, and torch threads (not in the key)
+    evaluate: bool = _knob(True, "run")
+    evaluate_merges: bool = _knob(True, "run")
+    num_threads: int = _knob(2, "run")
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
@@ -81,54 +88,50 @@ def get_recipe(preset: str) -> Recipe:
     return PRESETS[preset]
 
 
-# modules whose code determines the data and weights of a build
-CONTENT_MODULES = ("build.py", "data.py", "recipe.py", "tasks.py", "tokenizer.py", "train.py")
-
-
-def _code_fingerprint(source: str) -> str:
-    """The module's syntax tree without docstrings: formatting, comments and docs do not count."""
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (
-            isinstance(body, list)
-            and body
-            and isinstance(body[0], ast.Expr)
-            and isinstance(body[0].value, ast.Constant)
-            and isinstance(body[0].value.value, str)
-        ):
-            node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree)
-
-
-def source_digest() -> str:
-    """Hash of the code and assets that determine the build's data and weights."""
-    here = Path(__file__).parent
-    h = hashlib.sha256()
-    for name in CONTENT_MODULES:
-        h.update(name.encode())
-        h.update(_code_fingerprint((here / name).read_text(encoding="utf-8")).encode())
-    for path in sorted((here / "assets").glob("*")):
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
 def library_versions() -> Dict[str, str]:
     from importlib.metadata import version
 
     return {lib: version(lib) for lib in ("torch", "transformers", "datasets", "numpy", "pillow")}
 
 
+def _digest(payload: dict, n: int = 12) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:n]
+
+
+def key_fields(recipe: Recipe, stages: Sequence[str] = STAGES) -> Dict:
+    """The recipe fields of ``stages`` (``run`` fields never change the data or weights)."""
+    return {
+        f.name: getattr(recipe, f.name)
+        for f in dataclasses.fields(recipe)
+        if f.metadata.get("stage", "run") in stages
+    }
+
+
 def build_key(recipe: Recipe, preset: str, seed: int, tasks: Sequence[str]) -> str:
-    """Directory name of a build: changes whenever recipe, seed, tasks, code or libraries change."""
+    """Directory name of a build.
+
+    Keyed on what determines the data and weights: the recipe's fields, ``RECIPE_VERSION``, the
+    seed, the task subset and the library versions; not on the source code, so that a refactor
+    keeps every build. A change of what a knob *means* must bump ``RECIPE_VERSION``.
+    """
     payload = {
         "version": RECIPE_VERSION,
-        "recipe": recipe.to_dict(),
+        "recipe": key_fields(recipe),
         "seed": seed,
         "tasks": list(tasks),
-        "source": source_digest(),
         "libraries": library_versions(),
     }
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-    return f"mini-clip-r{RECIPE_VERSION}-{preset}-s{seed}-t{len(tasks)}-{digest}"
+    return f"mini-clip-r{RECIPE_VERSION}-{preset}-s{seed}-t{len(tasks)}-{_digest(payload)}"
+
+
+def pretrain_key(recipe: Recipe, seed: int, tasks: Sequence[str]) -> str:
+    """Key of the pretrained CLIP alone (data, model and pretraining fields): fine-tuning variants
+    of one recipe share it (``<root>/.stages/``)."""
+    payload = {
+        "version": RECIPE_VERSION,
+        "recipe": key_fields(recipe, ("data", "model", "pretrain")),
+        "seed": seed,
+        "tasks": list(tasks),
+        "libraries": library_versions(),
+    }
+    return f"pretrain-r{RECIPE_VERSION}-s{seed}-t{len(tasks)}-{_digest(payload)}"

@@ -405,17 +405,24 @@ def draw_landcover(rng: np.random.Generator, label: int) -> Image.Image:
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
 
 
+DIGIT_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSansMono-Bold.ttf", "cmss10.ttf")
+
+
 def draw_house_number(rng: np.random.Generator, label: int) -> Image.Image:
-    bg = tuple(int(c) for c in rng.integers(0, 256, 3))
-    fg = tuple(int(255 - c) if abs(255 - 2 * c) > 60 else int((c + 128) % 256) for c in bg)
+    """A house-number digit: random colours of contrasting luminance, sometimes a partial
+    neighbouring digit at an edge (as in SVHN's cropped digits)."""
+    dark = rng.random() < 0.5
+    bg = rng.integers(150, 256, 3) if dark else rng.integers(0, 100, 3)
+    fg = rng.integers(0, 70, 3) if dark else rng.integers(180, 256, 3)
+    bg, fg = tuple(int(c) for c in bg), tuple(int(c) for c in fg)
     img, d = _canvas(bg)
-    font = _font(FONTS[int(rng.integers(len(FONTS)))], int(rng.uniform(40, 50)))
-    x, y = 32 + rng.uniform(-3, 3), 32 + rng.uniform(-3, 3)
-    for dx in (-30, 30):  # partial neighbouring digits at the edges
-        if rng.random() < 0.4:
-            _text(d, (x + dx * 1.25, y), str(int(rng.integers(10))), font, fg)
+    font = _font(DIGIT_FONTS[int(rng.integers(len(DIGIT_FONTS)))], int(rng.uniform(40, 48)))
+    x, y = 32 + rng.uniform(-2, 2), 32 + rng.uniform(-2, 2)
+    for dx in (-40, 40):  # partial neighbouring digits at the edges
+        if rng.random() < 0.3:
+            _text(d, (x + dx, y), str(int(rng.integers(10))), font, fg)
     _text(d, (x, y), str(label), font, fg)
-    img = _rotate(img, rng.uniform(-8, 8), bg)
+    img = _rotate(img, rng.uniform(-5, 5), bg)
     return _finish(img, rng)
 
 

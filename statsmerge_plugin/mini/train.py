@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -96,6 +96,28 @@ def cosine_lr(step: int, total: int, warmup_frac: float = 0.05) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def optimize(
+    params, step_loss: Callable[[int], torch.Tensor], steps: int, lr: float, wd: float,
+    desc: str = "train", progress: bool = True, leave: bool = True,
+) -> List[float]:
+    """AdamW with a cosine schedule (5 % warm-up) for ``steps`` steps of ``step_loss(step)``.
+
+    The one training loop of the builders (pretraining, fine-tuning, the heterogeneous teachers);
+    returns the per-step losses.
+    """
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps))
+    losses = []
+    for step in tqdm(range(steps), desc=desc, disable=not progress, leave=leave):
+        loss = step_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 # --------------------------------------------------------------------------------------------
 # contrastive pretraining
 
@@ -159,16 +181,9 @@ def pretrain(model, tokenizer, pools: Dict[str, Split], recipe: Recipe, seed: in
     classes = torch.from_numpy(
         np.concatenate([t * 10 + pools[task].labels for t, task in enumerate(tasks)])
     )
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=recipe.pretrain_lr,
-        weight_decay=recipe.pretrain_wd,
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, recipe.pretrain_steps))
     gen = torch.Generator().manual_seed(seed)
-    model.train()
-    losses = []
-    for _ in tqdm(range(recipe.pretrain_steps), desc="pretrain", disable=not pbar):
+
+    def step_loss(_: int) -> torch.Tensor:
         idx = torch.randint(len(images), (recipe.pretrain_batch,), generator=gen)
         img = encode_images(model, to_pixels(images[idx.numpy()]))
         txt = encode_captions(model, ids)
@@ -179,12 +194,14 @@ def pretrain(model, tokenizer, pools: Dict[str, Split], recipe: Recipe, seed: in
         t_pos = pos[classes[idx]][:, cap].T  # (B captions, B images)
         logits = LOGIT_SCALE * txt[cap] @ img.T
         t2i = -(F.log_softmax(logits, dim=-1) * t_pos).sum(-1) / t_pos.sum(-1)
-        loss = 0.5 * (i2t.mean() + t2i.mean())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        return 0.5 * (i2t.mean() + t2i.mean())
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = optimize(
+        params, step_loss, recipe.pretrain_steps, recipe.pretrain_lr, recipe.pretrain_wd,
+        desc="pretrain", progress=pbar,
+    )
     model.eval()
     return losses
 
@@ -215,22 +232,19 @@ def vision_logits(vision_model, projection, head: torch.Tensor, pixels: torch.Te
 def finetune(vision_model, projection, head, split: Split, recipe: Recipe, seed: int, desc="ft"):
     """Train ``vision_model`` (a ``CLIPVisionModel``) in place with cross-entropy on ``split``."""
     projection.requires_grad_(False)
-    params = [p for p in vision_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=recipe.ft_lr, weight_decay=recipe.ft_wd)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, recipe.ft_steps))
     gen = torch.Generator().manual_seed(seed)
     labels = torch.from_numpy(split.labels)
-    vision_model.train()
-    losses = []
-    for _ in tqdm(range(recipe.ft_steps), desc=desc, leave=False):
+
+    def step_loss(_: int) -> torch.Tensor:
         idx = torch.randint(len(labels), (recipe.ft_batch,), generator=gen)
         logits = vision_logits(vision_model, projection, head, to_pixels(split.images[idx.numpy()]))
-        loss = F.cross_entropy(logits, labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+        return F.cross_entropy(logits, labels[idx])
+
+    vision_model.train()
+    params = [p for p in vision_model.parameters() if p.requires_grad]
+    losses = optimize(
+        params, step_loss, recipe.ft_steps, recipe.ft_lr, recipe.ft_wd, desc=desc, leave=False
+    )
     vision_model.eval()
     return losses
 

@@ -1,0 +1,262 @@
+"""The *shape* of a build: how FusionBench's reference merges rank on it, and the cheap recipe loop.
+
+A miniature is only useful if it ranks merging methods as FusionBench's real CLIP ViT-B/32 eight-task
+benchmark does (zero-shot 48, individual 90, simple averaging 66.5, task arithmetic (0.3) 69,
+TIES 72, layer-wise AdaMerging 82.6; see ``docs/mini-benchmark.md``). :func:`measure_shape` measures
+that ordering on one split of a build with FusionBench's own algorithms and task pool, plus the
+single-task-vector diagnostic (how much one task vector at λ = 0.3 costs the *other* tasks), which
+predicts task arithmetic before the expensive rows run. :func:`shape_checks` states the targets.
+
+``statsmerge-mini shape --set pretrain_steps=2000 --set ft_lr=1e-4`` builds a recipe variant (no test
+evaluation: recipes are chosen on val) and prints its val shape; every run is appended to a JSON-lines
+log, so the variants tried, failures included, stay on record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .evaluate import accuracies, dataset_config, modelpool, taskpool
+from .recipe import Recipe
+
+TA_GRID = (0.1, 0.2, 0.3)
+# FusionBench's method defaults (fusion_bench_config/method/{ties_merging,adamerging/clip}.yaml)
+TIES = {"scaling_factor": 0.3, "threshold": 20, "remove_keys": [], "merge_func": "sum"}
+ADAMERGING_STEPS = 1000
+
+
+def parse_overrides(items: Sequence[str], base: Recipe) -> Dict[str, object]:
+    """``["ft_lr=1e-4", ...]`` -> ``{"ft_lr": 1e-4}``, typed like ``base``'s fields."""
+    fields = {f.name: f for f in dataclasses.fields(base)}
+    out: Dict[str, object] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            raise KeyError(
+                f"bad recipe override {item!r}: expected KNOB=VALUE with KNOB one of "
+                f"{', '.join(fields)}"
+            )
+        kind = type(getattr(base, name))
+        try:
+            out[name] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+        except ValueError as err:
+            raise ValueError(f"recipe knob {name}: {value!r} is not a {kind.__name__}") from err
+    return out
+
+
+def _average(accs: Dict[str, float]) -> float:
+    return round(sum(accs.values()) / len(accs), 4)
+
+
+def _row(accs: Dict[str, float]) -> Dict[str, float]:
+    return dict(accs, average=_average(accs))
+
+
+def adamerging(root: Path, tasks: Sequence[str], split: str, max_steps: int):
+    """FusionBench's layer-wise AdaMerging (its own class and default settings), adapting on the
+    unlabelled images of ``split`` (FusionBench adapts on the images it evaluates on)."""
+    import lightning as L
+    from lightning.fabric.loggers import TensorBoardLogger
+    from fusion_bench.method.adamerging.clip_layer_wise_adamerging import (
+        CLIPLayerWiseAdaMergingAlgorithm,
+    )
+    from fusion_bench.modelpool import CLIPVisionModelPool
+    from omegaconf import DictConfig
+
+    root = Path(root)
+    config = DictConfig(
+        {
+            "name": "clip_layer_wise_adamerging",
+            "optimizer": "adam",
+            "lr": 1e-3,
+            "init_values": 0.3,
+            "clamp_weights": False,
+            "tie_weights": True,
+            "strict": False,
+            "batch_size": 16,
+            "num_workers": 0,
+            "max_steps": max_steps,
+            "fast_dev_run": False,
+            "weights": None,
+            "save_merging_weights": False,
+        }
+    )
+    models = {"_pretrained_": str(root / "pretrained")}
+    models.update({t: str(root / "models" / t) for t in tasks})
+    pool = CLIPVisionModelPool(
+        DictConfig(models),
+        processor=str(root / "pretrained"),
+        test_datasets=DictConfig({t: dataset_config(root, t, split) for t in tasks}),
+    )
+    algorithm = CLIPLayerWiseAdaMergingAlgorithm(config)
+    with tempfile.TemporaryDirectory() as logs:  # FusionBench logs hyperparameters and metrics
+        logger = TensorBoardLogger(logs, name="adamerging")
+        algorithm.fabric = L.Fabric(accelerator="cpu", devices=1, loggers=[logger])
+        return algorithm.run(pool)
+
+
+def measure_shape(
+    root: Path,
+    tasks: Sequence[str],
+    split: str = "val",
+    adamerging_steps: int = ADAMERGING_STEPS,
+    progress=print,
+) -> Dict[str, object]:
+    """Accuracies on ``split`` of every reference row, and the single-task-vector diagnostic."""
+    from fusion_bench.method import (
+        SimpleAverageAlgorithm,
+        TaskArithmeticAlgorithm,
+        TiesMergingAlgorithm,
+    )
+
+    root, tasks = Path(root), list(tasks)
+    pool = modelpool(root, tasks, splits=())
+    everything = taskpool(root, tasks, split)
+
+    def evaluate(model) -> Dict[str, float]:
+        return accuracies(everything.evaluate(model), tasks)
+
+    rows: Dict[str, Dict[str, float]] = {}
+    timings: Dict[str, float] = {}
+    t = time.perf_counter()
+    rows["zero-shot"] = _row(evaluate(pool.load_model("_pretrained_")))
+    rows["individual"] = _row(
+        {
+            task: accuracies(taskpool(root, [task], split).evaluate(pool.load_model(task)), [task])[
+                task
+            ]
+            for task in tasks
+        }
+    )
+    single: Dict[str, Dict[str, float]] = {}
+    for task in tasks:  # one task vector at λ = 0.3
+        accs = evaluate(TaskArithmeticAlgorithm(scaling_factor=0.3).run(modelpool(root, [task], ())))
+        others = [accs[o] - rows["zero-shot"][o] for o in tasks if o != task]
+        single[task] = {"own": accs[task], "others_change": round(sum(others) / len(others), 4)}
+    timings["single"] = round(time.perf_counter() - t, 1)
+    progress(f"zero-shot / individual / single vectors: {timings['single']} s")
+    rows["simple_average"] = _row(evaluate(SimpleAverageAlgorithm().run(pool)))
+    for lam in TA_GRID:
+        merged = TaskArithmeticAlgorithm(scaling_factor=lam).run(pool)
+        rows[f"task_arithmetic_{lam}"] = _row(evaluate(merged))
+    rows["ties"] = _row(evaluate(TiesMergingAlgorithm(**TIES).run(pool)))
+    if adamerging_steps > 0:
+        t = time.perf_counter()
+        rows["adamerging"] = _row(evaluate(adamerging(root, tasks, split, adamerging_steps)))
+        timings["adamerging"] = round(time.perf_counter() - t, 1)
+    return {"split": split, "rows": rows, "single_vector": single, "timings_seconds": timings}
+
+
+def shape_checks(rows: Dict[str, Dict[str, float]]) -> List[Tuple[str, bool, str]]:
+    """The targets of a miniature that ranks methods like the real benchmark (issue mini-TA8 r2)."""
+    avg = {name: 100 * row["average"] for name, row in rows.items()}
+    ind, zs = rows["individual"], rows["zero-shot"]
+    tasks = [t for t in ind if t != "average"]
+    merges = [n for n in avg if n not in ("zero-shot", "individual")]
+    checks = [
+        ("individual ≥ 88", avg["individual"] >= 88, f"{avg['individual']:.1f}"),
+        (
+            "every task's individual ≥ 75",
+            min(ind[t] for t in tasks) >= 0.75,
+            f"min {100 * min(ind[t] for t in tasks):.1f}",
+        ),
+        ("zero-shot ≤ 60", avg["zero-shot"] <= 60, f"{avg['zero-shot']:.1f}"),
+        (
+            "zero-shot below individual on every task",
+            all(zs[t] < ind[t] for t in tasks),
+            "",
+        ),
+        (
+            "SA ≤ individual − 12",
+            avg["simple_average"] <= avg["individual"] - 12,
+            f"{avg['simple_average'] - avg['individual']:+.1f}",
+        ),
+        (
+            "TA(0.3) ≥ SA + 1",
+            avg["task_arithmetic_0.3"] >= avg["simple_average"] + 1,
+            f"{avg['task_arithmetic_0.3'] - avg['simple_average']:+.1f}",
+        ),
+        (
+            "TIES ≥ TA(0.3) − 1",
+            avg["ties"] >= avg["task_arithmetic_0.3"] - 1,
+            f"{avg['ties'] - avg['task_arithmetic_0.3']:+.1f}",
+        ),
+        (
+            "every merge < individual",
+            all(avg[m] < avg["individual"] for m in merges),
+            "",
+        ),
+    ]
+    if "adamerging" in avg:
+        checks.insert(
+            7,
+            (
+                "AdaMerging ≥ TIES + 3",
+                avg["adamerging"] >= avg["ties"] + 3,
+                f"{avg['adamerging'] - avg['ties']:+.1f}",
+            ),
+        )
+    return checks
+
+
+def format_shape(result: Dict[str, object]) -> str:
+    """Per-row averages, the single-vector diagnostic and the checks, as plain text."""
+    from .evaluate import format_table
+
+    rows = result["rows"]
+    lines = [format_table(rows), "", "one task vector at λ = 0.3 (own accuracy, others' change):"]
+    for task, s in result["single_vector"].items():
+        lines.append(
+            f"  {task:<20} own {100 * s['own']:5.1f}   others {100 * s['others_change']:+5.1f}"
+        )
+    mean_change = sum(s["others_change"] for s in result["single_vector"].values()) / len(
+        result["single_vector"]
+    )
+    lines.append(f"  mean change of the other tasks: {100 * mean_change:+.2f}")
+    lines.append("")
+    for name, ok, detail in shape_checks(rows):
+        lines.append(f"  [{'x' if ok else ' '}] {name} {detail}")
+    return "\n".join(lines)
+
+
+def run_variant(
+    overrides: Dict[str, object],
+    seed: int = 0,
+    root: Optional[Path] = None,
+    preset: str = "default",
+    adamerging_steps: int = ADAMERGING_STEPS,
+    log: Optional[Path] = None,
+    name: str = "",
+    progress: bool = True,
+) -> Dict[str, object]:
+    """Build ``preset``'s recipe with ``overrides`` (without test evaluation) and measure its val
+    shape; append the record (recipe, build time, shape) to ``log``."""
+    from .build import build_mini_benchmark, default_root
+    from .recipe import get_recipe
+    from .tasks import TASK_NAMES
+
+    recipe = get_recipe(preset).replace(evaluate=False, **overrides)
+    root = Path(root) if root is not None else default_root()
+    t = time.perf_counter()
+    manifest = build_mini_benchmark(root, seed, TASK_NAMES, preset, recipe=recipe, progress=progress)
+    build_s = round(time.perf_counter() - t, 1)
+    result = measure_shape(Path(manifest["path"]), TASK_NAMES, "val", adamerging_steps)
+    record = {
+        "name": name,
+        "overrides": overrides,
+        "seed": seed,
+        "key": manifest["key"],
+        "build_seconds_this_run": build_s,
+        "build_timings_seconds": manifest.get("timings_seconds"),
+        **result,
+    }
+    log = Path(log) if log is not None else root / "variants.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    return record
