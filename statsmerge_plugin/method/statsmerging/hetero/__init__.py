@@ -3,12 +3,11 @@
 target architecture (``_pretrained_``), then merge.
 
 One concept per module: :mod:`.teachers` (what a teacher is, its own head and logits),
-  :mod:`.losses`
-(label-free KL, the paper's alpha-CE + KL), :mod:`.augment` (flips/crops on tensors),
-:mod:`.distill` (the training loop), :mod:`.cache` (student cache key, atomic store), :mod:`.report`
-(student vs teacher accuracy), :mod:`.distill_to_base` and :mod:`.hetero_statsmerging` (the
-FusionBench methods), :mod:`.mini_benchmark` (the mixed-architecture mini benchmark) and
-:mod:`.compare` (TA / TIES / StatsMerging on the same students).
+:mod:`.losses` (label-free KL, the paper's alpha-CE + KL), :mod:`.augment` (flips/crops on
+tensors), :mod:`.distill` (the training loop), :mod:`.cache` (student cache key, atomic store),
+:mod:`.report` (student vs teacher accuracy), :mod:`.distill_to_base` and
+:mod:`.hetero_statsmerging` (the FusionBench methods). The mixed-architecture mini benchmark and
+its comparison live in :mod:`statsmerge_plugin.mini.hetero`.
 """
 
 from .distill_to_base import DistillToBaseForCLIP

@@ -351,7 +351,7 @@ def build_teachers(out: Path, mini_root: Path, recipe: HeteroRecipe, progress: b
     }
 
 
-if __name__ == "__main__":  # python -m statsmerge_plugin.method.statsmerging.hetero.mini_benchmark
+if __name__ == "__main__":  # python -m statsmerge_plugin.mini.hetero.build
     import sys
 
     print(ensure_hetero_built(sys.argv[1] if len(sys.argv) > 1 else None))

@@ -1,6 +1,6 @@
 """Heterogeneous benchmark: distil + StatsMerging vs task arithmetic / TIES on the same students.
 
-    python -m statsmerge_plugin.method.statsmerging.hetero.compare [--work DIR] [--doc
+    python -m statsmerge_plugin.mini.hetero.compare [--work DIR] [--doc
     docs/heterogeneous.md]
 
 1. ``fusion_bench method=statsmerging/clip_layer_wise_hetero
@@ -116,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     cache = work / f"students-{int(time.time())}"  # fresh: the timed run distils from scratch
     root = Path(mini_clip_root())
-    from .mini_benchmark import ensure_hetero_built
+    from .build import ensure_hetero_built
 
     t = time.time()
     hetero_build = ensure_hetero_built(root)
