@@ -1,15 +1,13 @@
 """Heterogeneous benchmark: distil + StatsMerging vs task arithmetic / TIES on the same students.
 
-    python -m statsmerge_plugin.mini.hetero.compare [--work DIR] [--doc
-    docs/heterogeneous.md]
+    python -m statsmerge_plugin.mini.hetero.compare [--work DIR] [--doc docs/heterogeneous.md]
 
 1. ``fusion_bench method=statsmerging/clip_layer_wise_hetero
-  modelpool=CLIPVisionModelPool/mini-clip_TA8_hetero
+   modelpool=CLIPVisionModelPool/mini-clip_TA8_hetero
    taskpool=CLIPVisionModelTaskPool/mini-clip_TA8`` (timed, with a fresh student cache under
    ``--work``: distillation + StatsMerging + FusionBench evaluation, cold);
 2. ``fusion_bench method=statsmerging/distill_to_base ...`` with the same cache (cache hits: the
-  very
-   same students) writes the students' model pool;
+   very same students) writes the students' model pool;
 3. on that pool, FusionBench's ``SimpleAverageAlgorithm``, ``TaskArithmeticAlgorithm`` and
    ``TiesMergingAlgorithm`` (FusionBench defaults ``scaling_factor=0.3``, TIES ``threshold=20``, and
    ``scaling_factor`` selected on the **val** split), every model evaluated by FusionBench's
@@ -108,16 +106,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from statsmerge_plugin.mini import evaluate as mini_eval
-    from statsmerge_plugin.mini.resolver import mini_clip_root
+    from .. import evaluate as mini_eval
+    from ..resolver import mini_clip_root
+    from .build import ensure_hetero_built
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     cache = work / f"students-{int(time.time())}"  # fresh: the timed run distils from scratch
     root = Path(mini_clip_root())
-    from .build import ensure_hetero_built
-
     t = time.time()
     hetero_build = ensure_hetero_built(root)
     build_seconds = round(time.time() - t, 1)
