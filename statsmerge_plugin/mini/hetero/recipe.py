@@ -55,16 +55,9 @@ HETERO_PRESETS: Dict[str, HeteroRecipe] = {
         resnet_depths=(1, 1),
         resnet_steps=10,
         resnet_batch=16,
+        # layers, heads, fine-tuning batch and lr: the smoke base recipe's
         wide_clip=dict(
-            vision_width=48,
-            vision_layers=2,
-            heads=2,
-            n_pretrain=6,
-            pretrain_steps=5,
-            pretrain_batch=32,
-            ft_steps=5,
-            ft_batch=16,
-            ft_lr=2e-4,
+            vision_width=48, n_pretrain=6, pretrain_steps=5, pretrain_batch=32, ft_steps=5
         ),
     ),
 }

@@ -114,6 +114,11 @@ def train_wide_clip(
     vision tower fine-tuned with labels against its own zero-shot head (the base builder's code).
     """
     r = base_recipe.replace(**recipe.wide_clip)
+    if r.vision_width == base_recipe.vision_width:
+        raise ValueError(
+            f"the wide CLIP teacher of {task!r} must differ in width from the base build's CLIP "
+            f"(both {r.vision_width}): set HeteroRecipe.wide_clip['vision_width']"
+        )
     mini_train.seed_everything(seed)
     pool = mini_data.generate_split(task, "pretrain", r.n_pretrain, seed)
     processor = mini_train.make_processor(out)
