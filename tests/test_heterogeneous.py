@@ -1,16 +1,22 @@
 """Heterogeneous architectures (StatsMerging §4): distil other-architecture teachers, then merge.
 
-A tiny mixed pool built in the test: the tiny random CLIP of ``tiny_clip.py`` (``_pretrained_`` and
-  a
-same-architecture ``mnist`` model), a tiny ``ResNetForImageClassification`` teacher for ``eurosat``
-and a wider tiny CLIP teacher (its own text tower) for ``svhn``. Real FusionBench classes, no mocks.
-Accuracies on random weights mean nothing: the tests check behaviour, never numbers.
+A tiny mixed pool built in the test: the tiny random CLIP of ``tiny_clip.py`` (``_pretrained_``
+and a same-architecture ``mnist`` model), a tiny ``ResNetForImageClassification`` teacher for
+``eurosat`` and a wider tiny CLIP teacher (its own text tower) for ``svhn``; then the mixed mini
+benchmark's teachers (``statsmerge_plugin.mini.hetero``) on a smoke base build. Real FusionBench
+classes, no mocks. Accuracies on random weights mean nothing: the tests check behaviour, never
+numbers.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tiny_clip import build_tiny_clip, pool_config
 
+import statsmerge_plugin
 from statsmerge_plugin.method.statsmerging.distillation import soft_distillation_loss
 from statsmerge_plugin.method.statsmerging.hetero import (
     DistillToBaseForCLIP,
@@ -42,8 +49,18 @@ from statsmerge_plugin.method.statsmerging.hetero.teachers import (
     build_teacher,
     clip_head_logits,
     parameter_shapes,
+    pixel_values,
     same_architecture,
 )
+from statsmerge_plugin.mini.build import build_mini_benchmark, read_manifest
+from statsmerge_plugin.mini.data import load_split
+from statsmerge_plugin.mini.hetero.build import ensure_hetero_built, load_teacher
+from statsmerge_plugin.mini.hetero.recipe import HETERO_PRESETS, HETERO_VERSION
+from statsmerge_plugin.mini.hetero.recipe import TEACHERS as MINI_TEACHERS
+from statsmerge_plugin.mini.hetero.recipe import hetero_key, key_payload
+from statsmerge_plugin.mini.hetero.train import train_wide_clip
+from statsmerge_plugin.mini.recipe import get_recipe
+from statsmerge_plugin.mini.tasks import get_task
 
 TEACHERS = {"eurosat": "resnet", "svhn": "clip"}
 FAST = dict(max_steps=3, batch_size=8, evaluate_test=False)
@@ -455,3 +472,105 @@ def test_cli_hetero_statsmerging_on_a_tiny_mixed_pool(mixed, tmp_path):
     assert all(r["steps"] == 1 for r in hetero["teachers"].values())
     summary = read_json(log_dir / "statsmerging" / "summary.json")
     assert sorted(summary["tasks"]) == ["eurosat", "mnist", "svhn"] and summary["steps"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# the mixed mini benchmark's teachers (statsmerge_plugin.mini.hetero), smoke preset
+
+
+@pytest.fixture(scope="module")
+def mini_hetero(tmp_path_factory):
+    """A smoke base build of the two teacher tasks (no evaluation) and its teachers' build."""
+    base = build_mini_benchmark(
+        root=tmp_path_factory.mktemp("mini_hetero"),
+        preset="smoke",
+        tasks=list(MINI_TEACHERS),
+        recipe=get_recipe("smoke").replace(evaluate=False, num_threads=1),
+        progress=False,
+    )
+    return Path(base["path"]), ensure_hetero_built(base["path"], progress=False)
+
+
+def test_mini_hetero_teachers_load_as_the_method_expects(mini_hetero):
+    from PIL import Image
+    from transformers import CLIPVisionModel, ResNetForImageClassification
+
+    base, path = mini_hetero
+    manifest = read_manifest(path)
+    assert manifest["key"] == path.name and manifest["hetero_version"] == HETERO_VERSION == 2
+    assert path.parent == base.parent and path.name.startswith(f"{base.name}-hetero-h2-smoke-")
+    expected = {"mini_gtsrb": ResNetForImageClassification, "mini_eurosat": CLIPVisionModel}
+    for task, cls in expected.items():
+        model = load_teacher(task, base)
+        assert type(model) is cls
+        spec = get_task(task)
+        teacher = build_teacher(task, model, spec.classnames, spec.templates)
+        assert teacher.num_classes == len(spec.classnames)
+        # its own processor and head give the val accuracy the build measured while training it
+        val = load_split(base / "data" / task / "val")
+        images = [Image.fromarray(a) for a in val.images]
+        pixels = torch.stack([pixel_values(teacher.processor, im) for im in images])
+        acc = float((teacher.logits(pixels).argmax(-1).numpy() == val.labels).mean())
+        recorded = manifest["teachers"][task]["accuracy"]["val"]
+        assert abs(acc - recorded) <= 1 / len(val.labels) + 1e-4, (task, acc, recorded)
+    with pytest.raises(KeyError, match="no teacher for 'mini_mnist'"):
+        load_teacher("mini_mnist", base)
+
+
+def test_mini_hetero_key_is_the_recipe_not_the_source():
+    smoke = HETERO_PRESETS["smoke"]
+    key = hetero_key("base-a", smoke, "smoke")
+    assert hetero_key("base-a", HETERO_PRESETS["smoke"], "smoke") == key
+    assert set(key_payload("base-a", smoke)) == {
+        "version",
+        "base",
+        "recipe",
+        "teachers",
+        "libraries",
+    }
+    assert hetero_key("base-b", smoke, "smoke") != key
+    assert hetero_key("base-a", dataclasses.replace(smoke, resnet_steps=11), "smoke") != key
+    wider = dataclasses.replace(smoke, wide_clip=dict(smoke.wide_clip, vision_width=64))
+    assert hetero_key("base-a", wider, "smoke") != key
+
+
+def test_mini_hetero_wide_clip_teacher_must_differ_in_width(tmp_path):
+    base, smoke = get_recipe("smoke"), HETERO_PRESETS["smoke"]
+    same = dataclasses.replace(
+        smoke, wide_clip=dict(smoke.wide_clip, vision_width=base.vision_width)
+    )
+    with pytest.raises(ValueError, match="must differ in width"):
+        train_wide_clip(tmp_path, "mini_eurosat", {}, base, same, 0, False)
+    assert not any(tmp_path.iterdir())  # nothing trained or written
+
+
+def test_mini_hetero_build_is_reused_after_a_pure_refactor(mini_hetero, tmp_path):
+    """A copy of the package with the teachers' functions renamed finds the existing build."""
+    base, path = mini_hetero
+    stamp = (path / "manifest.json").stat().st_mtime_ns
+    src = tmp_path / "src"
+    shutil.copytree(
+        Path(statsmerge_plugin.__file__).parent,
+        src / "statsmerge_plugin",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    hetero = src / "statsmerge_plugin" / "mini" / "hetero"
+    for name in ("train.py", "build.py"):
+        code = (hetero / name).read_text()
+        renamed = code.replace("train_resnet", "fit_resnet").replace("imagenet_pixels", "to_pixels")
+        (hetero / name).write_text(renamed + "\n# refactored\n")
+    assert "fit_resnet" in (hetero / "build.py").read_text()
+    probe = (
+        "import json, statsmerge_plugin;"
+        "from statsmerge_plugin.mini.hetero.build import ensure_hetero_built as e;"
+        f"print(json.dumps([statsmerge_plugin.__file__, str(e({str(base)!r}, progress=False))]))"
+    )
+    env = os.environ | {"PYTHONPATH": str(src)}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    module_file, found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert Path(module_file).is_relative_to(src)  # the refactored copy ran
+    assert Path(found) == path and (path / "manifest.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in base.parent.glob("*hetero*") if p.is_dir()] == [path.name]
