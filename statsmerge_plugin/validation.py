@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -17,15 +21,22 @@ def check_choice(option: str, value, choices: Iterable) -> None:
         )
 
 
+def check_bool(option: str, value) -> None:
+    """Raise ``ValueError`` naming ``option`` unless ``value`` is ``True`` or ``False`` (not 0/1)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"invalid value {value!r} for option `{option}`: expected true or false")
+
+
 def check_positive(option: str, value, allow_none: bool = False, allow_zero: bool = False) -> None:
+    """Raise ``ValueError`` naming ``option`` unless ``value`` is a finite number > 0 (or >= 0)."""
     if value is None and allow_none:
         return
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
+    ok = ok and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(
-            f"invalid value {value!r} for option `{option}`: expected a number {bound}"
+            f"invalid value {value!r} for option `{option}`: expected a finite number {bound}"
         )
 
 
@@ -92,18 +103,19 @@ def check_finite(model_name: str, state: Mapping[str, torch.Tensor]) -> None:
 # --- generic helpers added for ProDistill (append-only) -------------------------------------------
 
 
-def check_int(option: str, value, minimum: int = 1) -> None:
+def check_int(option: str, value, minimum: int = 1, allow_none: bool = False) -> None:
     """Raise ``ValueError`` naming ``option`` unless ``value`` is an ``int`` >= ``minimum``."""
+    if value is None and allow_none:
+        return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(
             f"invalid value {value!r} for option `{option}`: expected an integer >= {minimum}"
+            + (" or null" if allow_none else "")
         )
 
 
 def check_finite_number(option: str, value) -> None:
     """Raise ``ValueError`` naming ``option`` unless ``value`` is a finite real number."""
-    import math
-
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok or not math.isfinite(value):
         raise ValueError(f"invalid value {value!r} for option `{option}`: expected a finite number")
@@ -154,4 +166,186 @@ def check_same_shapes(
             raise ValueError(
                 f"model {model_name!r}: parameter {name!r} has shape {tuple(shapes[name])}, "
                 f"{base_name!r} has {tuple(shape)}"
+            )
+
+
+# --- reliability checks (issue 12): non-finite values during and after training ------------------
+
+
+def check_finite_loss(
+    method: str, loss: float, step: int, total_steps: int, where: str = ""
+) -> None:
+    """Stop training at the first non-finite loss, naming the step (1-based) and where it happened.
+
+    Raises:
+        FloatingPointError: when ``loss`` is NaN or infinite.
+    """
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"{method}: the training loss is {loss} at step {step} of {total_steps}{where}; "
+            "stopping before anything is saved or evaluated. Lower `lr`, or check the models and "
+            "the options for extreme values."
+        )
+
+
+def check_finite_gradients(method: str, parameters: Iterable[torch.Tensor], step: int) -> None:
+    """Raise ``FloatingPointError`` if any gradient is NaN/inf (under DDP every rank sees the same
+    all-reduced gradients, so all ranks stop at the same step)."""
+    for p in parameters:
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            raise FloatingPointError(
+                f"{method}: non-finite gradients at step {step}; stopping before anything is saved "
+                "or evaluated. Lower `lr`, or check the models and the options for extreme values."
+            )
+
+
+def check_finite_coefficients(
+    method: str, coefficients: torch.Tensor, tasks: Sequence[str], columns: Sequence[str]
+) -> None:
+    """``coefficients[k, l]`` (task ``tasks[k]``, column ``columns[l]``) must all be finite.
+
+    Raises:
+        FloatingPointError: naming the first bad task and column.
+    """
+    bad = (~torch.isfinite(coefficients)).nonzero()
+    if len(bad):
+        k, l = (int(i) for i in bad[0])
+        raise FloatingPointError(
+            f"{method}: {len(bad)} learned coefficient(s) are NaN or inf (first: task "
+            f"{tasks[k]!r}, {columns[l]!r}: {float(coefficients[k, l])}); nothing was saved or "
+            "evaluated. Lower `lr`, or check the models and the options for extreme values."
+        )
+
+
+# --- model files: readable, same shapes, finite; streamed one group of tensors at a time ---------
+
+
+def check_model_weights(
+    base_name: str,
+    reference_shapes: Mapping[str, tuple],
+    model_name: str,
+    reader,
+    groups: Sequence[Sequence[str]],
+) -> None:
+    """Check one model through a block-wise ``reader`` (``shapes()``, ``read(names)``): the same
+    parameter names and shapes as ``base_name``, and finite values, reading one group of tensors
+    at a time so that memory stays one group wide. Unreadable files raise from the reader, naming
+    the model and the file."""
+    check_same_shapes(base_name, reference_shapes, model_name, reader.shapes())
+    for group in groups:
+        check_finite(model_name, reader.read(group))
+
+
+# --- output locations: writable before the work starts, never overwritten silently --------------
+
+#: Files and directories that a finished (or started) run leaves in its log dir: Hydra's, FusionBench's
+#: and this package's. Any of them in the log dir of a new run means an earlier run would be clobbered.
+RUN_ARTEFACTS = (
+    "config.yaml",
+    "hydra.yaml",
+    "overrides.yaml",
+    "program_report.json",
+    "report.json",
+    "report_table.md",
+    "statsmerging",
+    "prodistill_report.json",
+    "prodistill_loss_curves.csv",
+    "hetero",
+)
+
+
+def check_writable_dir(path, what: str) -> Path:
+    """``path`` must be a directory that exists and is writable, or could be created.
+
+    Probes the nearest existing ancestor with a temporary file (``os.access`` alone is wrong for root
+    and read-only file systems). Nothing is created. Returns the absolute path.
+
+    Raises:
+        ValueError: naming ``what`` and the path.
+    """
+    path = Path(os.path.expanduser(str(path))).absolute()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is an existing file, not a directory")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{what} {str(path)!r} cannot be created: {str(ancestor)!r} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor, prefix=".write_probe_"):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"{what} {str(path)!r} is not writable ({str(ancestor)!r}: {err.strerror or err})"
+        ) from err
+    return path
+
+
+def existing_artefacts(directory, names: Iterable[str] = RUN_ARTEFACTS) -> List[str]:
+    """The entries of ``names`` that exist in ``directory`` (sorted)."""
+    directory = Path(directory)
+    return sorted(n for n in names if (directory / n).exists())
+
+
+def format_log_dir_path(path: Optional[str], log_dir) -> Optional[str]:
+    """FusionBench's ``{log_dir}`` placeholder in ``merged_model_save_path``/``report_save_path``
+    (``None`` when there is no path, or a placeholder but no log dir)."""
+    if path is None:
+        return None
+    path = str(path)
+    if "{log_dir}" in path:
+        if log_dir is None:
+            return None  # no log dir to resolve it with: nothing to check
+        path = path.format(log_dir=log_dir)
+    return path
+
+
+def check_output_locations(
+    *,
+    log_dir=None,
+    merged_model_save_path: Optional[str] = None,
+    report_save_path: Optional[str] = None,
+    overwrite: bool = False,
+    artefacts: Iterable[str] = RUN_ARTEFACTS,
+    overwrite_hint: str = "`method.overwrite=true`",
+) -> None:
+    """Before any work: every output location is writable, and no earlier output would be replaced.
+
+    Args:
+        log_dir: the run's log dir (``None``: no log dir).
+        merged_model_save_path: where the merged model is saved (a directory; ``{log_dir}`` allowed).
+        report_save_path: where the evaluation report is written (``{log_dir}`` allowed).
+        overwrite: allow replacing earlier outputs (never a file where a directory is expected).
+        artefacts: names in ``log_dir`` that belong to an earlier run.
+        overwrite_hint: how the user turns ``overwrite`` on (for the message).
+
+    Raises:
+        ValueError: naming the location and the files that would be overwritten.
+    """
+    again = f"choose another location, or pass {overwrite_hint} to replace them"
+    if log_dir is not None:
+        log_dir = check_writable_dir(log_dir, "log dir (`path.log_dir`)")
+        found = existing_artefacts(log_dir, artefacts)
+        if found and not overwrite:
+            raise ValueError(
+                f"log dir {str(log_dir)!r} already holds the outputs of an earlier run ({found}); "
+                f"refusing to overwrite them: {again}"
+            )
+    merged = format_log_dir_path(merged_model_save_path, log_dir)
+    if merged:
+        path = check_writable_dir(merged, "`merged_model_save_path`")
+        if path.is_dir() and any(path.iterdir()) and not overwrite:
+            raise ValueError(
+                f"`merged_model_save_path` {str(path)!r} already exists and is not empty; refusing "
+                f"to overwrite it: {again}"
+            )
+    report = format_log_dir_path(report_save_path, log_dir)
+    if report:
+        path = Path(report).absolute()
+        if path.is_dir():
+            raise ValueError(f"`report_save_path` {str(path)!r} is a directory, not a file")
+        check_writable_dir(path.parent, "the directory of `report_save_path`")
+        if path.exists() and not overwrite:
+            raise ValueError(
+                f"`report_save_path` {str(path)!r} already exists; refusing to overwrite it: {again}"
             )

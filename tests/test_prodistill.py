@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import write_tiny_configs
 from fusion_bench.utils import instantiate
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
@@ -35,7 +35,7 @@ from statsmerge_plugin.method.prodistill.merge import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_clip import build_tiny_clip, pool_config, taskpool_config  # noqa: E402
+from tiny_clip import build_tiny_clip, pool_config, with_noise_split  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(shots_per_task=8, epochs_per_block=4, batch_size=8)
@@ -50,9 +50,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), n_images=12)
+@pytest.fixture()
+def tiny(tiny_clip):
+    """The session's tiny CLIP pool (conftest.py): 16 images per task and split."""
+    return tiny_clip
 
 
 def make_pool(cfg: dict):
@@ -141,6 +142,10 @@ def test_block_losses_decrease_and_test_split_is_never_read(tiny, tmp_path):
         curve = [r["loss"] for r in alg.loss_curves.of_block(record["block"])]
         assert sum(curve[-3:]) < sum(curve[:3])
     assert alg.report["few_shot_images"] == {"mnist": 12, "eurosat": 12}
+    # what was read: each task's val split (real path, fingerprint), never a test set
+    read = alg.report["few_shot_data"]["eurosat"]
+    assert read["split"] == "val" and read["num_images"] == 12 and read["fingerprint"]
+    assert read["paths"] == [str(Path(tiny["data"][("eurosat", "val")]).resolve())]
     json.dumps(alg.report)  # JSON-safe
     # non-block parameters are task arithmetic with lambda 0.3; blocks moved away from it
     pre = CLIPVisionModel.from_pretrained(tiny["pretrained"])
@@ -254,7 +259,11 @@ def test_reading_paths_and_disk_cache_give_the_same_merge(tiny, tmp_path):
         ("loss_reduction", "max"),
         ("activation_cache", "gpu"),
         ("init_lambda", float("nan")),
+        ("lr", float("inf")),
+        ("ta_lambda", float("-inf")),
+        ("shots_per_task", 8.5),
         ("allow_single_task", "yes"),
+        ("overwrite", 1),
     ],
 )
 def test_invalid_options_name_the_option(option, value):
@@ -326,8 +335,63 @@ def test_nan_weights_name_model_and_parameter(tiny, tmp_path):
 def test_too_few_images_names_the_task(tiny):
     cfg = pool_config(tiny)
     _expect_error(
-        make_pool(cfg), r"task 'mnist': asked for 13 unlabelled images", shots_per_task=13
+        make_pool(cfg), r"task 'mnist': asked for 17 unlabelled images", shots_per_task=17
     )
+
+
+@pytest.mark.parametrize("model", ["mnist", "_pretrained_"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_unreadable_checkpoint_names_model_and_file(tiny, tmp_path, model, damage):
+    src = tiny["pretrained"] if model == "_pretrained_" else tiny["models"][model]
+    copy = Path(shutil.copytree(src, tmp_path / "damaged"))
+    weights = copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(
+        data[: len(data) // 2] if damage == "truncated" else b"not safetensors" * 64
+    )
+    cfg = pool_config(tiny)
+    cfg["models"][model] = str(copy)
+    _expect_error(make_pool(cfg), f"model '{model}'.*{weights}")
+
+
+def test_val_split_that_is_the_test_split_is_refused_before_training(tiny):
+    cfg = pool_config(tiny)
+    cfg["val_datasets"]["eurosat"]["dataset_path"] = (
+        cfg["test_datasets"]["eurosat"]["dataset_path"] + "/"
+    )
+    _expect_error(
+        make_pool(cfg),
+        "task 'eurosat': its 'val' dataset reads .*data_eurosat_test', which is the test set",
+    )
+
+
+def test_non_finite_loss_stops_training_naming_block_and_step(tiny):
+    # one huge Adam step makes the coefficients, and so the next step's loss, overflow
+    alg = ProDistillForCLIP(**(FAST | {"lr": 1e30}))
+    with pytest.raises(
+        FloatingPointError,
+        match=r"ProDistill: the training loss is (nan|inf) at step 2 of 8 of block 0; stopping",
+    ):
+        alg.run(make_pool(pool_config(tiny)))
+    assert alg.block_records == []  # no block was kept
+
+
+@pytest.fixture(scope="module")
+def reference_merge(tiny_clip):
+    merged = ProDistillForCLIP(**FAST).run(make_pool(pool_config(tiny_clip)))
+    return {n: p.detach().clone() for n, p in merged.named_parameters()}
+
+
+@pytest.mark.parametrize("split, identical", [("test", True), ("val", False)])
+def test_poisoned_split_changes_the_merge_only_if_it_is_read(
+    tiny, tmp_path, reference_merge, split, identical
+):
+    """Every test image and label replaced by noise: merged weights bit-identical. The same
+    poisoning of the val split (the few-shot data) changes them: the check can fail."""
+    poisoned = make_pool(pool_config(with_noise_split(tiny, split, tmp_path)))
+    merged = dict(ProDistillForCLIP(**FAST).run(poisoned).named_parameters())
+    same = all(torch.equal(merged[n], w) for n, w in reference_merge.items())
+    assert same is identical
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,21 +399,9 @@ def test_too_few_images_names_the_task(tiny):
 # ------------------------------------------------------------------------------------------------
 
 
-def _write_configs(tiny, config_dir: Path) -> None:
-    (config_dir / "modelpool").mkdir(parents=True)
-    (config_dir / "taskpool").mkdir(parents=True)
-    (config_dir / "modelpool" / "tiny_prodistill.yaml").write_text(
-        yaml.safe_dump(pool_config(tiny))
-    )
-    (config_dir / "taskpool" / "tiny_prodistill.yaml").write_text(
-        yaml.safe_dump(taskpool_config(tiny))
-    )
-
-
 @pytest.mark.parametrize("where", ["repo_root", "tmp_dir"])
 def test_cli_fast_dev_run(tiny, tmp_path, where):
-    config_dir = tmp_path / "configs"
-    _write_configs(tiny, config_dir)
+    config_dir = write_tiny_configs(tiny, tmp_path / "configs")
     log_dir = tmp_path / "logs"
     cwd = REPO_ROOT if where == "repo_root" else tmp_path
     env = dict(
@@ -364,8 +416,8 @@ def test_cli_fast_dev_run(tiny, tmp_path, where):
         str(config_dir),
         "method=prodistill/clip",
         "method.shots_per_task=8",
-        "modelpool=tiny_prodistill",
-        "taskpool=tiny_prodistill",
+        "modelpool=tiny",
+        "taskpool=tiny",
         "fabric.accelerator=cpu",
         "fast_dev_run=true",
         "print_config=false",

@@ -13,7 +13,7 @@ from conftest import read_json
 from hydra.utils import instantiate
 from lightning.fabric.loggers import TensorBoardLogger
 from omegaconf import DictConfig
-from tiny_clip import pool_config
+from tiny_clip import pool_config, with_noise_split
 
 from statsmerge_plugin.data import stack_images
 from statsmerge_plugin.method.statsmerging import StatsMergingForCLIP
@@ -78,10 +78,15 @@ def test_run_writes_outputs_and_returns_the_merge_of_its_coefficients(
     ]
     assert len(stats_rows) == 1 + 2 * len(names)
     summary = read_json(out / "summary.json")
-    assert summary["steps"] == 3 and summary["unlabelled_data"]["mnist"] == {
-        "split": "val",
-        "num_images": 8,
-    }
+    assert summary["steps"] == 3 and np.isfinite(summary["final_loss"])
+    # what was actually read: the val split's real path and its Hugging Face fingerprint
+    from datasets import load_from_disk
+
+    val = tiny_clip["data"][("mnist", "val")]
+    read = summary["unlabelled_data"]["mnist"]
+    assert read["split"] == "val" and read["num_images"] == 8 and read["num_rows"] == 16
+    assert read["paths"] == [str(Path(val).resolve())]
+    assert read["fingerprint"] == load_from_disk(str(val))._fingerprint
 
 
 def test_outputs_are_never_overwritten(tiny_pool, tmp_path):
@@ -145,31 +150,33 @@ def test_teacher_labels_come_from_each_tasks_own_finetuned_model(tiny_pool):
         torch.testing.assert_close(teacher[t], want)
 
 
-def relabelled_test_pool(tiny_clip, tmp_path, seed):
-    """The tiny pool with its test splits replaced by copies whose labels are random."""
-    cfg = pool_config(tiny_clip)
-    for task in cfg["test_datasets"]:
-        from datasets import load_from_disk
-
-        ds = load_from_disk(cfg["test_datasets"][task]["dataset_path"])
-        rng = np.random.default_rng(seed)
-        ds = ds.map(lambda ex: {"label": int(rng.integers(0, 10))})
-        path = tmp_path / f"test_{task}_{seed}"
-        ds.save_to_disk(str(path))
-        cfg["test_datasets"][task]["dataset_path"] = str(path)
-    return make_pool(cfg)
+@pytest.fixture(scope="module")
+def reference_run(tiny_clip, tmp_path_factory):
+    """Coefficients and merged weights of one run on the unmodified tiny pool."""
+    return coefficients_and_weights(
+        make_pool(pool_config(tiny_clip)), tmp_path_factory.mktemp("ref")
+    )
 
 
-def test_random_test_labels_leave_coefficients_bit_identical(tiny_clip, tmp_path):
-    coefs = []
-    for seed in (1, 2):
-        with_log_dir(fast(max_steps=4), tmp_path / str(seed)).run(
-            relabelled_test_pool(tiny_clip, tmp_path, seed)
-        )
-        coefs.append(
-            torch.load(tmp_path / str(seed) / "statsmerging" / "coefficients.pt")["coefficients"]
-        )
-    assert torch.equal(coefs[0], coefs[1])
+def coefficients_and_weights(pool, log_dir: Path):
+    merged = with_log_dir(fast(max_steps=4), log_dir).run(pool)
+    coef = torch.load(log_dir / "statsmerging" / "coefficients.pt")["coefficients"]
+    return coef, {n: p.detach().clone() for n, p in merged.named_parameters()}
+
+
+@pytest.mark.parametrize("split, identical", [("test", True), ("val", False)])
+def test_poisoned_split_changes_training_outputs_only_if_it_is_read(
+    tiny_clip, tmp_path, reference_run, split, identical
+):
+    """Every test image and label replaced by noise: coefficients and merged weights bit-identical.
+    The same poisoning of the val split (the training data) changes them: the check can fail."""
+    poisoned = make_pool(pool_config(with_noise_split(tiny_clip, split, tmp_path)))
+    coef, weights = coefficients_and_weights(poisoned, tmp_path / "run")
+    ref_coef, ref_weights = reference_run
+    same = torch.equal(coef, ref_coef) and all(
+        torch.equal(weights[n], ref_weights[n]) for n in weights
+    )
+    assert same is identical
 
 
 def test_test_split_is_never_read(tiny_clip):
@@ -207,12 +214,41 @@ def without(d: dict, key: str) -> dict:
         ("svd_rank", -1),
         ("max_steps", 0),
         ("lr", -1.0),
+        ("lr", float("inf")),
+        ("lr", float("nan")),
+        ("temperature", float("inf")),
+        ("lr_gamma", float("nan")),
         ("output_norm", "tanh"),
+        ("batch_size_per_task", 2.5),
+        ("teacher_batch_size", 0.5),
+        ("num_unlabelled_per_task", 7.5),
+        ("hidden_dim", 16.0),
+        ("svd_rank", 1.5),
+        ("seed", -1),
+        ("overwrite", "yes"),
     ],
 )
 def test_invalid_options_name_the_option(option, value):
-    with pytest.raises(ValueError, match=f"`{option}`"):
+    with pytest.raises(ValueError, match=f"invalid value .* for option `{option}`"):
         StatsMergingForCLIP(**{option: value})
+
+
+@pytest.mark.parametrize(
+    "max_steps, message",
+    [
+        # one huge Adam step: the learner's weights overflow, so do the coefficients
+        (1, r"StatsMerging: \d+ learned coefficient\(s\) are NaN or inf \(first: task 'mnist', "),
+        # the next step's loss is not finite: training stops there, naming the step
+        (3, r"StatsMerging: the training loss is (nan|inf) at step 2 of 3; stopping before"),
+    ],
+)
+def test_non_finite_training_stops_before_anything_is_saved(
+    tiny_pool, tmp_path, max_steps, message
+):
+    alg = with_log_dir(fast(max_steps=max_steps, lr=1e30), tmp_path)
+    with pytest.raises(FloatingPointError, match=message):
+        alg.run(tiny_pool)
+    assert not (tmp_path / "statsmerging").exists()
 
 
 def test_pool_without_pretrained_model(tiny_clip):
@@ -237,11 +273,19 @@ def test_task_without_unlabelled_data(tiny_clip):
         fast().run(make_pool(cfg))
 
 
-def test_val_split_configured_as_the_test_split_is_refused(tiny_clip):
+def test_val_split_that_is_the_test_split_is_refused_before_training(tiny_clip):
+    """The trailing-slash case; the other ways a val split can be a test set: test_reliability.py."""
     cfg = pool_config(tiny_clip)
-    cfg["val_datasets"]["mnist"] = dict(cfg["test_datasets"]["mnist"])
-    with pytest.raises(ValueError, match="'mnist'.*configured exactly like its test dataset"):
-        fast().run(make_pool(cfg))
+    cfg["val_datasets"]["mnist"]["dataset_path"] = (
+        cfg["test_datasets"]["mnist"]["dataset_path"] + "/"
+    )
+    alg = fast()
+    with pytest.raises(
+        ValueError,
+        match="task 'mnist': its 'val' dataset reads .*data_mnist_test', which is the test",
+    ):
+        alg.run(make_pool(cfg))
+    assert not hasattr(alg, "rank_max_abs_diff")  # never trained
 
 
 def test_fewer_unlabelled_images_than_asked(tiny_pool):
@@ -259,7 +303,7 @@ def test_task_without_class_names(tiny_clip):
 @pytest.mark.parametrize(
     "variant, message",
     [
-        ({"hidden": 48}, "model 'eurosat': parameter 'vision_model.*' has shape"),
+        ({"hidden": 48}, "model 'eurosat': parameter '.*' has shape .*'_pretrained_' has"),
         ({"num_layers": 3}, "model 'eurosat' does not have the parameters.*layers.2"),
     ],
 )
@@ -282,7 +326,41 @@ def test_nan_weights_name_model_and_parameter(tiny_clip, tmp_path):
     broken.save_pretrained(tmp_path / "nan_model")
     cfg = pool_config(tiny_clip)
     cfg["models"]["eurosat"] = str(tmp_path / "nan_model")
+    with pytest.raises(ValueError, match="model 'eurosat': parameter 'post_layernorm.weight'.*NaN"):
+        fast().run(make_pool(cfg))
+
+
+def test_task_models_are_validated_before_any_data_is_loaded(tiny_clip, tmp_path):
+    """A bad *last* task model is found before data loading (here the data would fail to load)."""
+    from transformers import CLIPVisionModel
+
+    broken = CLIPVisionModel.from_pretrained(tiny_clip["models"]["eurosat"])
+    with torch.no_grad():
+        broken.vision_model.encoder.layers[1].mlp.fc2.bias[0] = float("inf")
+    broken.save_pretrained(tmp_path / "inf_model")
+    cfg = pool_config(tiny_clip)
+    cfg["models"]["eurosat"] = str(tmp_path / "inf_model")
+    for split in ("val", "train"):
+        cfg[f"{split}_datasets"]["mnist"]["dataset_path"] = str(tmp_path / "no_such_dataset")
     with pytest.raises(
-        ValueError, match="model 'eurosat': parameter 'vision_model.post_layernorm.weight'.*NaN"
+        ValueError, match="model 'eurosat': parameter 'encoder.layers.1.mlp.fc2.bias'"
     ):
+        fast().run(make_pool(cfg))
+
+
+@pytest.mark.parametrize("model", ["eurosat", "_pretrained_"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_unreadable_checkpoint_names_model_and_file(tiny_clip, tmp_path, model, damage):
+    import shutil
+
+    src = tiny_clip["pretrained"] if model == "_pretrained_" else tiny_clip["models"][model]
+    copy = Path(shutil.copytree(src, tmp_path / "damaged"))
+    weights = copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(
+        data[: len(data) // 2] if damage == "truncated" else b"not safetensors" * 64
+    )
+    cfg = pool_config(tiny_clip)
+    cfg["models"][model] = str(copy)
+    with pytest.raises(ValueError, match=f"model '{model}'.*{weights}"):
         fast().run(make_pool(cfg))

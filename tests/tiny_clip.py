@@ -162,3 +162,20 @@ def taskpool_config(paths: dict) -> dict:
             for t in paths["models"]
         },
     }
+
+
+def with_noise_split(paths: dict, split: str, root: Path, seed: int = 1) -> dict:
+    """A copy of ``paths`` whose ``split`` datasets (every task) are replaced by fresh noise images with
+    random labels, of the same sizes: "poisoned" splits for checks that a split is never read."""
+    from datasets import load_from_disk
+    from fusion_bench.tasks.clip_classification import get_num_classes
+
+    new = dict(paths, data=dict(paths["data"]))
+    for i, task in enumerate(paths["models"]):
+        n = len(load_from_disk(str(paths["data"][(task, split)])))
+        path = Path(root) / f"noise_{task}_{split}_{seed}"
+        random_image_dataset(n, get_num_classes(task), seed=10_000 * seed + i).save_to_disk(
+            str(path)
+        )
+        new["data"][(task, split)] = path
+    return new

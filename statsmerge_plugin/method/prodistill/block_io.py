@@ -13,6 +13,11 @@ whole in memory:
   ``pytorch_model.bin``): the model is loaded *once*, its vision parameters are written to a
   ``safetensors`` file in a scratch directory, the model is freed, and a :class:`SafetensorsReader`
   serves the blocks from that file (the official NLG code pre-splits checkpoints the same way).
+  :func:`open_reader` (for a single pass, e.g. validation) loads such a model and reads from it in
+  memory instead, without writing anything.
+
+A file that cannot be read (truncated, corrupt, not a safetensors file) raises ``ValueError`` naming
+the model and the file.
 """
 
 from __future__ import annotations
@@ -52,17 +57,35 @@ class WeightReader:
         raise NotImplementedError
 
 
-def _safetensors_files(directory: Path) -> Optional[Dict[str, Path]]:
+def unreadable(name: str, path, err: Exception) -> ValueError:
+    """The error for a model file that cannot be read, naming the model and the file."""
+    return ValueError(f"model {name!r}: cannot read {str(path)!r} ({type(err).__name__}: {err})")
+
+
+def _keys_of(name: str, path: Path) -> List[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...
+        raise unreadable(name, path, err) from err
+
+
+def _safetensors_files(directory: Path, name: str = "<model>") -> Optional[Dict[str, Path]]:
     """``{file key: shard path}`` for a directory holding a (possibly sharded) safetensors model."""
     single = directory / "model.safetensors"
     index = directory / "model.safetensors.index.json"
     if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as f:
-            return {k: single for k in f.keys()}
+        return {k: single for k in _keys_of(name, single)}
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise unreadable(name, index, err) from err
+        for shard in sorted(set(weight_map.values())):
+            if not (directory / shard).is_file():
+                raise ValueError(f"model {name!r}: shard {str(directory / shard)!r} is missing")
         return {k: directory / shard for k, shard in weight_map.items()}
     return None
 
@@ -105,9 +128,12 @@ class SafetensorsReader(WeightReader):
             for canon, key in self._canonical.items():
                 by_file.setdefault(self._key_files[key], []).append(canon)
             for path, names in by_file.items():
-                with safe_open(str(path), framework="pt") as f:
-                    for canon in names:
-                        shapes[canon] = tuple(f.get_slice(self._canonical[canon]).get_shape())
+                try:
+                    with safe_open(str(path), framework="pt") as f:
+                        for canon in names:
+                            shapes[canon] = tuple(f.get_slice(self._canonical[canon]).get_shape())
+                except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...
+                    raise unreadable(self.name, path, err) from err
             self._shapes = shapes
         return dict(self._shapes)
 
@@ -123,11 +149,14 @@ class SafetensorsReader(WeightReader):
             by_file.setdefault(self._key_files[self._canonical[canon]], []).append(canon)
         out = {}
         for path, group in by_file.items():
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for canon in group:
-                    # .to(float32) of a float32 tensor is a no-op, so clone to own the memory
-                    # independently of the file mapping, which is closed right after.
-                    out[canon] = f.get_tensor(self._canonical[canon]).to(torch.float32).clone()
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for canon in group:
+                        # .to(float32) of a float32 tensor is a no-op, so clone to own the memory
+                        # independently of the file mapping, which is closed right after.
+                        out[canon] = f.get_tensor(self._canonical[canon]).to(torch.float32).clone()
+            except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...
+                raise unreadable(self.name, path, err) from err
         return out
 
 
@@ -172,23 +201,51 @@ def _local_directory(modelpool, name: str) -> Optional[Path]:
     return Path(path) if path is not None and os.path.isdir(path) else None
 
 
-def make_reader(
-    modelpool, name: str, scratch_dir: Path, buffer_names: Iterable[str] = ()
-) -> WeightReader:
-    """A block-wise reader for pool entry ``name`` (see the module docstring for the three cases)."""
+def load_pool_model(modelpool, name: str) -> nn.Module:
+    """``modelpool.load_model(name)``; a failure names the model and its pool entry (path or id)."""
+    try:
+        return modelpool.load_model(name)
+    except Exception as err:  # noqa: BLE001 - OSError, SafetensorError, ValueError, ...
+        config = modelpool._models.get(name) if hasattr(modelpool, "_models") else None
+        if isinstance(config, (str, os.PathLike)) and os.path.isdir(config):
+            _safetensors_files(Path(config), name)  # names the unreadable file, if that is it
+        where = f" ({config})" if isinstance(config, (str, os.PathLike)) else ""
+        raise ValueError(
+            f"model {name!r}{where} cannot be loaded ({type(err).__name__}: {err})"
+        ) from err
+
+
+def _streaming_reader(modelpool, name: str, buffer_names: Iterable[str]) -> Optional[WeightReader]:
     config = modelpool._models[name]
     if isinstance(config, nn.Module):
         return ModuleReader(name, config)
     directory = _local_directory(modelpool, name)
     if directory is not None:
-        key_files = _safetensors_files(directory)
+        key_files = _safetensors_files(directory, name)
         if key_files is not None:
             return SafetensorsReader(name, key_files, buffer_names)
+    return None
+
+
+def open_reader(modelpool, name: str, buffer_names: Iterable[str] = ()) -> WeightReader:
+    """A reader for one pass over pool entry ``name``: streamed from safetensors when possible, else
+    from the model loaded once in memory (nothing is written). Free it before opening the next."""
+    reader = _streaming_reader(modelpool, name, buffer_names)
+    return reader if reader is not None else ModuleReader(name, load_pool_model(modelpool, name))
+
+
+def make_reader(
+    modelpool, name: str, scratch_dir: Path, buffer_names: Iterable[str] = ()
+) -> WeightReader:
+    """A block-wise reader for pool entry ``name`` (see the module docstring for the three cases)."""
+    reader = _streaming_reader(modelpool, name, buffer_names)
+    if reader is not None:
+        return reader
     # Fallback: load once, write the vision parameters to a scratch safetensors file, free the model.
     from safetensors.torch import save_file
 
     log.info(f"model {name!r}: no safetensors checkpoint to stream from; converting it once")
-    model = modelpool.load_model(name)
+    model = load_pool_model(modelpool, name)
     state = {
         n: p.detach().to(torch.float32).contiguous() for n, p in canonical_parameters(model).items()
     }
@@ -198,11 +255,4 @@ def make_reader(
     save_file(state, str(path))
     del model, state
     gc.collect()
-    return SafetensorsReader(name, {k: path for k in _safetensors_files_keys(path)}, buffer_names)
-
-
-def _safetensors_files_keys(path: Path) -> List[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
+    return SafetensorsReader(name, {k: path for k in _keys_of(name, path)}, buffer_names)

@@ -48,6 +48,13 @@ def block_prefix(index: int) -> str:
     return f"encoder.layers.{index}."
 
 
+def weight_groups(names) -> List[List[str]]:
+    """Canonical names in read groups: one per transformer block, then all the others."""
+    blocks, others = group_names(names)
+    groups = [[block_prefix(b) + n for n in local] for b, local in blocks.items()]
+    return groups + ([others] if others else [])
+
+
 def canonical_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
     """``{canonical name: parameter}`` of a CLIP vision model."""
     return dict(vision_backbone(model).named_parameters())

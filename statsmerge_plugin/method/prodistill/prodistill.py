@@ -54,6 +54,11 @@ Deviations (numerically equivalent, cheaper; spec §1.4, §1.6, §5.13):
   which costs one extra block pass; the code only prints minibatch losses.
 - The stage-0 embedding pass uses only the small embedding-stage parameters of each fine-tuned model
   (the code keeps all fine-tuned encoders on the GPU for this step).
+
+Reliability (issue 12): options, output locations, the few-shot data sources (never a test set, see
+:class:`~statsmerge_plugin.data.TestSplitGuard`) and every model are checked before any training;
+every step's loss must be finite (the error names the block and the step) and so must every merged
+block before it is kept.
 """
 
 from __future__ import annotations
@@ -73,19 +78,29 @@ from fusion_bench.modelpool import BaseModelPool
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ...data import HELD_OUT_SOURCES, held_out_images, stack_images
+from ...data import (
+    HELD_OUT_SOURCES,
+    TestSplitGuard,
+    held_out_images,
+    resolve_held_out_source,
+    stack_images,
+)
+from ...threads import configure_torch_threads
 from ...validation import (
+    check_bool,
     check_choice,
     check_finite,
+    check_finite_loss,
     check_finite_number,
     check_int,
+    check_model_weights,
+    check_output_locations,
     check_pool_models,
     check_positive,
     check_same_groups,
-    check_same_shapes,
 )
 from .activations import DualStreamCache, stack_task_ids
-from .block_io import WeightReader, make_reader
+from .block_io import WeightReader, load_pool_model, make_reader
 from .layers import (
     block_prefix,
     call_block,
@@ -95,6 +110,7 @@ from .layers import (
     empty_block_like,
     group_names,
     vision_backbone,
+    weight_groups,
 )
 from .merge import LOSS_REDUCTIONS, block_loss, init_coefficients, merge_elementwise
 from .merge import task_arithmetic as task_arithmetic_merge
@@ -111,6 +127,8 @@ log = logging.getLogger(__name__)
 
 PRETRAINED = "_pretrained_"
 ACTIVATION_CACHES = ("memory", "disk")
+#: What a run writes into its log dir; an earlier run's copies are never overwritten silently.
+OUTPUT_FILES = ("prodistill_report.json", "prodistill_loss_curves.csv", "prodistill_loss_curves")
 
 
 @auto_register_config
@@ -137,6 +155,10 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
             model; used to check that the merge can reproduce a fine-tuned model). Off by default:
             merging needs at least two task models.
         save_loss_curves: write per-block loss curves (CSV and PNG) into ``log_dir``.
+        overwrite: allow replacing an earlier run's outputs (``prodistill_report.json`` and the loss
+            curves in ``log_dir``, an existing non-empty ``merged_model_save_path``, the program's
+            report; under the CLI also the log dir's ``config.yaml``, ...). Off by default: such a run
+            stops before any work.
 
     Raises:
         ValueError: at construction for an invalid option (the message names the option), and in
@@ -158,6 +180,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
         scratch_dir: Optional[str] = None,
         allow_single_task: bool = False,
         save_loss_curves: bool = True,
+        overwrite: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -186,8 +209,21 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
             raise ValueError(
                 f"invalid value {self.scratch_dir!r} for option `scratch_dir`: expected a path or null"
             )
-        check_choice("allow_single_task", self.allow_single_task, (True, False))
-        check_choice("save_loss_curves", self.save_loss_curves, (True, False))
+        check_bool("allow_single_task", self.allow_single_task)
+        check_bool("save_loss_curves", self.save_loss_curves)
+        check_bool("overwrite", self.overwrite)
+
+    def check_outputs(self) -> None:
+        """Before any work: the log dir, ``merged_model_save_path`` and the program's report path are
+        writable, and no earlier output would be overwritten (unless ``overwrite``)."""
+        program = self._program
+        check_output_locations(
+            log_dir=self.log_dir if self.fabric.is_global_zero else None,
+            merged_model_save_path=getattr(program, "merged_model_save_path", None),
+            report_save_path=getattr(program, "report_save_path", None),
+            overwrite=self.overwrite,
+            artefacts=OUTPUT_FILES,
+        )
 
     def validate_pool(
         self, reference: Dict[str, tuple], readers: Dict[str, WeightReader]
@@ -213,16 +249,12 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
                 "model?"
             )
         for name, reader in readers.items():
-            shapes = reader.shapes()
-            blocks, _ = group_names(shapes)
+            blocks, _ = group_names(reader.shapes())
             check_same_groups(PRETRAINED, ref_blocks, name, blocks, what="block")
-            check_same_shapes(PRETRAINED, reference, name, shapes)
-        # NaN/inf: stream every model block by block (never a whole model at once).
-        groups = [[block_prefix(b) + n for n in names] for b, names in ref_blocks.items()]
-        groups.append(group_names(reference)[1])
+        # shapes, then NaN/inf: stream every model block by block (never a whole model at once).
+        groups = weight_groups(reference)
         for name, reader in readers.items():
-            for group in groups:
-                check_finite(name, reader.read(group))
+            check_model_weights(PRETRAINED, reference, name, reader, groups)
         return ref_blocks
 
     # ------------------------------------------------------------------------------------------
@@ -247,6 +279,11 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
             )
         check_pool_models(modelpool, min_models=1 if self.allow_single_task else 2)
         tasks = list(modelpool.model_names)
+        configure_torch_threads()
+        self._guard = TestSplitGuard(modelpool, getattr(self._program, "taskpool", None))
+        for t in tasks:  # config-level test-split check now; the loaded data are checked again
+            resolve_held_out_source(modelpool, t, self.data_source, self._guard)
+        self.check_outputs()
         device = self.fabric.device
         self.block_records, self.loss_curves = [], LossCurves()
         own_scratch = self.scratch_dir is None
@@ -265,7 +302,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
             # one full model: the output. Loaded lazily (memory-mapped) from safetensors; its blocks
             # are only written after the loop. A pool entry that is an nn.Module is copied, so the
             # pool's own model is left unchanged.
-            merged_model = modelpool.load_model(PRETRAINED)
+            merged_model = load_pool_model(modelpool, PRETRAINED)
             if isinstance(modelpool._models[PRETRAINED], nn.Module):
                 merged_model = _copy_module(merged_model)
             backbone = vision_backbone(merged_model)
@@ -292,6 +329,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
             base_other = readers[PRETRAINED].read(other_names)
             task_other = [readers[t].read(other_names) for t in tasks]
             ta_other = task_arithmetic_merge(base_other, task_other, self.ta_lambda)
+            check_finite("ProDistill merged model", ta_other)
             with torch.no_grad():
                 for n, value in ta_other.items():
                     out_params[n].copy_(value.to(out_params[n].dtype))
@@ -319,6 +357,10 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
                     template = self.to_device(_copy_module(layers[index]))
                 record = self._distill_block(
                     index, local_names, template, readers, tasks, cache, device, generator
+                )
+                check_finite(  # nothing non-finite is kept, saved or evaluated
+                    "ProDistill merged model",
+                    {block_prefix(index) + n: v for n, v in record["merged"].items()},
                 )
                 # Like the official code, finished blocks go to disk, not into the output model:
                 # writing into it now would make its (lazily mapped) weights resident one block
@@ -375,10 +417,12 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
                 self.shots_per_task,
                 seed=self.seed,
                 source=self.data_source,
+                guard=getattr(self, "_guard", None),
             )
             for t in tasks
-        ]  # raises, naming the task, when a split has fewer images than asked
+        ]  # raises, naming the task, when a split has fewer images than asked or is a test set
         self._data_info = {t: len(im) for t, im in zip(tasks, images)}
+        self._data_read = {t: im.source for t, im in zip(tasks, images)}
         return [stack_images(im, batch_size=self.batch_size) for im in images]
 
     @torch.no_grad()
@@ -460,6 +504,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
             loss_before = self._set_loss(template, base, tau, coefficients, cache, device)
         steps_per_epoch = -(-len(cache) // self.batch_size)
         epochs = 1 if self.is_debug_mode else self.epochs_per_block
+        total_steps = 1 if self.is_debug_mode else epochs * steps_per_epoch
         step, epoch_losses = 0, []
         with self.profile("train block"):
             for epoch in range(epochs):
@@ -469,10 +514,13 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
                     target = cache.gather("teacher", chunk, device)
                     merged = merge_elementwise(base, tau, coefficients)
                     loss = block_loss(call_block(template, merged, z1), target, self.loss_reduction)
+                    value = float(loss.detach())
+                    check_finite_loss(
+                        "ProDistill", value, step + 1, total_steps, where=f" of block {index}"
+                    )
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    value = float(loss.detach())
                     self.loss_curves.add(index, step, epoch, value)
                     total += value
                     step += 1
@@ -551,6 +599,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
             "algorithm": "prodistill",
             "tasks": tasks,
             "few_shot_images": dict(self._data_info),
+            "few_shot_data": dict(self._data_read),
             "weight_sources": dict(self._sources),
             "options": {k: getattr(self, k) for k in self._config_mapping if not k.startswith("_")},
             "setup_seconds": setup_seconds,

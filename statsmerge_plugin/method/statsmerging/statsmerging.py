@@ -27,6 +27,11 @@ Implementation notes, and deliberate deviations from the official code (spec §2
 * Adam, lr 1e-3, StepLR(100, 0.1) as in the paper (the official code uses AdamW + cosine); one "epoch" is
   one optimiser step over ``batch_size_per_task`` images of every task, as in the official code.
 * No model selection at all (the official code picks the best test accuracy every 50 epochs).
+
+Reliability (issue 12): every option, model and output location is checked before any long work
+(task models are streamed block by block from their files: shapes, finite values, readability); the
+loss and the gradients must stay finite during training (the error names the step), and the learned
+coefficients and merged weights must be finite before anything is saved or evaluated.
 """
 
 from __future__ import annotations
@@ -46,9 +51,16 @@ from tqdm.auto import tqdm
 
 from statsmerge_plugin.data import (
     HELD_OUT_SOURCES,
+    TestSplitGuard,
     held_out_images,
     resolve_held_out_source,
     stack_images,
+)
+from statsmerge_plugin.method.prodistill.block_io import load_pool_model, open_reader
+from statsmerge_plugin.method.prodistill.layers import (
+    canonical_buffers,
+    canonical_parameters,
+    weight_groups,
 )
 from statsmerge_plugin.method.statsmerging.distillation import (
     DISTILLATION_LOSSES,
@@ -68,10 +80,18 @@ from statsmerge_plugin.method.statsmerging.statistics import (
     pooled_tensor_statistics,
     tensor_statistics,
 )
+from statsmerge_plugin.threads import configure_torch_threads
 from statsmerge_plugin.validation import (
+    check_bool,
     check_choice,
     check_compatible,
     check_finite,
+    check_finite_coefficients,
+    check_finite_gradients,
+    check_finite_loss,
+    check_int,
+    check_model_weights,
+    check_output_locations,
     check_pool_models,
     check_positive,
     check_task_classnames,
@@ -80,6 +100,7 @@ from statsmerge_plugin.validation import (
 
 log = logging.getLogger(__name__)
 
+PRETRAINED = "_pretrained_"
 GRANULARITIES = ("layer_wise", "task_wise")
 STATS_SOURCES = ("task_vector", "finetuned")
 
@@ -121,6 +142,10 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
         teacher_batch_size: batch size when labelling images with the teachers.
         seed: seeds data sampling and the learner's initialisation.
         save_outputs: write coefficients, statistics, loss curve and heatmap into the log dir.
+        overwrite: allow replacing an earlier run's files (an existing, non-empty
+            ``merged_model_save_path``, the program's report; under the CLI also the log dir's
+            ``config.yaml``, ...). Off by default: such a run stops before any work. This method's own
+            outputs are never overwritten (a second run writes ``statsmerging_1/``).
     """
 
     def __init__(
@@ -145,6 +170,7 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
         teacher_batch_size: int = 64,
         seed: int = 0,
         save_outputs: bool = True,
+        overwrite: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -159,15 +185,22 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
         check_choice("output_norm", self.output_norm, OUTPUT_NORMS)
         check_choice("loss", self.loss, DISTILLATION_LOSSES)
         check_choice("data_source", self.data_source, HELD_OUT_SOURCES)
-        check_positive("svd_rank", self.svd_rank, allow_zero=True)
-        for option in ("svd_exact_max_numel", "hidden_dim", "temperature", "lr", "lr_step_size"):
+        check_int("svd_rank", self.svd_rank, minimum=0)
+        for option in (
+            "svd_exact_max_numel",
+            "hidden_dim",
+            "lr_step_size",
+            "max_steps",
+            "batch_size_per_task",
+            "teacher_batch_size",
+        ):
+            check_int(option, getattr(self, option))
+        check_int("num_unlabelled_per_task", self.num_unlabelled_per_task, allow_none=True)
+        check_int("seed", self.seed, minimum=0)
+        for option in ("temperature", "lr", "lr_gamma"):  # finite numbers > 0
             check_positive(option, getattr(self, option))
-        for option in ("max_steps", "batch_size_per_task", "teacher_batch_size"):
-            check_positive(option, getattr(self, option))
-        check_positive("num_unlabelled_per_task", self.num_unlabelled_per_task, allow_none=True)
-        check_positive("lr_gamma", self.lr_gamma)
-        if not isinstance(self.svd_rank, int) or not isinstance(self.max_steps, int):
-            raise ValueError("options `svd_rank` and `max_steps` must be integers")
+        check_bool("save_outputs", self.save_outputs)
+        check_bool("overwrite", self.overwrite)
         if self.learner == "per_tensor" and self.stats_source != "task_vector":
             raise ValueError(
                 "option `stats_source=finetuned` is not available with `learner=per_tensor`: "
@@ -176,13 +209,27 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
 
     # ------------------------------------------------------------------------------------------------
     def run(self, modelpool: CLIPVisionModelPool):
+        self.check_options()
         self.modelpool = modelpool
+        configure_torch_threads()
         torch.manual_seed(self.seed)
         start = time.time()
         tasks = list(modelpool.model_names)
+        # --- every check before any long work: pool, tasks, data sources, outputs, models --------
         check_pool_models(modelpool)
         check_task_classnames(tasks)
-        sources = {t: resolve_held_out_source(modelpool, t, self.data_source) for t in tasks}
+        guard = TestSplitGuard(modelpool, getattr(self._program, "taskpool", None))
+        for t in tasks:
+            resolve_held_out_source(modelpool, t, self.data_source, guard)
+        self.check_outputs()
+        with self.profile("load pretrained model"):
+            base = load_pool_model(modelpool, PRETRAINED)
+            base.requires_grad_(False)
+            base_state = trainable_state(base)
+            check_finite(PRETRAINED, base_state)
+            names = list(base_state)
+        with self.profile("validate task models"):
+            self.validate_task_models(tasks, base)
 
         with self.profile("load unlabelled data"):
             images = {
@@ -193,9 +240,11 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
                     self.num_unlabelled_per_task,
                     self.seed,
                     self.data_source,
+                    guard=guard,
                 )
                 for t in tasks
             }
+            data_read = {t: images[t].source for t in tasks}
             for t in tasks:
                 if len(images[t]) < self.batch_size_per_task:
                     raise ValueError(
@@ -204,12 +253,6 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
                     )
             images = {t: self.to_device(stack_images(images[t])) for t in tasks}
 
-        with self.profile("load pretrained model"):
-            base = modelpool.load_pretrained_model()
-            base.requires_grad_(False)
-            base_state = trainable_state(base)
-            check_finite("_pretrained_", base_state)
-            names = list(base_state)
         self.setup_zero_shot_classification_head(task_names=tasks)
         base = self.to_device(base).eval()
 
@@ -219,8 +262,13 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
         learner_features = self.learner_features(task_vectors, features, names)
         coefficients, losses = self.train_learner(tasks, target, learner_features, images, teacher)
 
+        # nothing non-finite is ever saved or evaluated
+        columns = names if coefficients.shape[1] == len(names) else ["all tensors"]
+        check_finite_coefficients("StatsMerging", coefficients, tasks, columns)
         with torch.no_grad():
-            base.load_state_dict(target.state(coefficients), strict=False)
+            merged_state = target.state(coefficients)
+            check_finite("merged model", merged_state)
+            base.load_state_dict(merged_state, strict=False)
         summary = {
             "method": "statsmerging",
             "granularity": self.granularity,
@@ -231,9 +279,7 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
             "final_loss": losses[-1] if losses else None,
             "world_size": self.fabric.world_size,
             "rank_max_abs_diff": self.rank_max_abs_diff,
-            "unlabelled_data": {
-                t: {"split": sources[t], "num_images": len(images[t])} for t in tasks
-            },
+            "unlabelled_data": data_read,
             "wall_time_s": round(time.time() - start, 2),
         }
         self.save_outputs_(tasks, names, coefficients, features, losses, summary)
@@ -241,6 +287,32 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
         return base
 
     # ------------------------------------------------------------------------------------------------
+    def check_outputs(self) -> None:
+        """Before any work: the log dir, ``merged_model_save_path`` and the report path of the
+        program are writable, and no earlier output would be overwritten (unless ``overwrite``)."""
+        program = self._program
+        check_output_locations(
+            log_dir=self.log_dir if self.save_outputs else None,
+            merged_model_save_path=getattr(program, "merged_model_save_path", None),
+            report_save_path=getattr(program, "report_save_path", None),
+            overwrite=self.overwrite,
+            artefacts=(),  # our own outputs go to a fresh directory, never over an earlier one
+        )
+
+    @torch.no_grad()
+    def validate_task_models(self, tasks: List[str], base) -> None:
+        """Every task model, before any data is loaded: readable, the parameters and shapes of
+        ``_pretrained_``, finite values. Streamed from the checkpoint files one transformer block at a
+        time (a model that cannot be streamed is loaded alone and freed), so memory stays at most one
+        model wide."""
+        reference = {n: tuple(p.shape) for n, p in canonical_parameters(base).items()}
+        buffers = list(canonical_buffers(base))
+        groups = weight_groups(reference)
+        for task in tasks:
+            reader = open_reader(self.modelpool, task, buffers)
+            check_model_weights(PRETRAINED, reference, task, reader, groups)
+            del reader
+
     @torch.no_grad()
     def load_task_models(self, tasks: List[str], base_state, images):
         """Load each task model once: check it, take its task vector and statistics, label its images.
@@ -259,10 +331,9 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
             tqdm(tasks, "StatsMerging: task models", disable=not self.fabric.is_global_zero)
         ):
             with self.profile("load task models"):
-                model = self.modelpool.load_model(task)
+                model = load_pool_model(self.modelpool, task)  # validated before data loading
                 state = trainable_state(model)
-                check_compatible("_pretrained_", base_state, task, state)
-                check_finite(task, state)
+                check_compatible(PRETRAINED, base_state, task, state)
                 model = self.to_device(model).eval()
             with self.profile("teacher labels"):
                 teacher[task] = torch.cat(
@@ -337,7 +408,7 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
             ("[DEBUG MODE] " if self.is_debug_mode else "") + f"StatsMerging ({self.granularity})",
             disable=not self.fabric.is_global_zero,
         )
-        for _ in bar:
+        for step in bar:
             with self.profile("train step"):
                 batches = {
                     t: torch.randperm(len(images[t]), generator=generator)[
@@ -350,6 +421,10 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
                 )
                 optimizer.zero_grad(set_to_none=True)
                 self.fabric.backward(loss)
+                # after backward: under DDP the gradients are all-reduced, so every rank stops at
+                # the same step (one rank's loss, or every rank's gradients)
+                check_finite_loss("StatsMerging", float(loss.detach()), step + 1, steps)
+                check_finite_gradients("StatsMerging", learner.parameters(), step + 1)
                 optimizer.step()
                 scheduler.step()
             losses.append(float(loss.detach()))
