@@ -482,8 +482,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--cwd", default=".", help="working directory of the fusion_bench processes")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--header", default="", help="markdown placed above the table")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing OUT.md, OUT.json, OUT.png (without it the run stops before any work)",
+    )
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not args.methods:
+        p.error(f"--methods: no method given; choose from {list(METHODS)}")
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
@@ -491,6 +498,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if not args.timeout > 0:
+        p.error(f"--timeout must be a number of seconds > 0, got {args.timeout}")
     for item in args.method_override:
         name, sep, _ = item.partition(":")
         if not sep or name not in METHODS:
@@ -500,15 +509,39 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+OUTPUT_SUFFIXES = (".md", ".json", ".png")
+
+
+def check_outputs(out: Path, runs_dir: Path, overwrite: bool) -> None:
+    """Before any run: ``OUT.*`` and the runs dir can be written, and no earlier table is replaced
+    unless ``overwrite``.
+
+    Raises:
+        ValueError: naming the option and the path.
+    """
+    from statsmerge_plugin.validation import check_writable_dir
+
+    check_writable_dir(out.parent, "--out: directory")
+    for suffix in OUTPUT_SUFFIXES:
+        target = out.with_suffix(suffix)
+        if target.is_dir():
+            raise ValueError(f"--out: {str(target)!r} is a directory")
+        if target.exists() and not overwrite:
+            raise ValueError(
+                f"--out: {str(target)!r} already exists; refusing to overwrite it (pass --overwrite, "
+                "or choose another --out)"
+            )
+    check_writable_dir(runs_dir, "--runs-dir")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
-    for suffix in (".md", ".json", ".png"):
-        target = out.with_suffix(suffix)
-        if target.exists():
-            backup = target.with_name(f"{target.stem}.previous{suffix}")
-            target.replace(backup)  # never lose an earlier table silently
-            print(f"[leaderboard] kept the previous {target.name} as {backup.name}")
+    runs_dir = Path(args.runs_dir or out.parent / f"{out.name}_runs")
+    try:
+        check_outputs(out, runs_dir, args.overwrite)
+    except ValueError as err:
+        raise SystemExit(f"statsmerge-leaderboard: error: {err}") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["statsmerge-leaderboard", *(sys.argv[1:] if argv is None else argv)])
     start = time.time()

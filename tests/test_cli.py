@@ -10,25 +10,9 @@ import venv
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, read_json, run_fusion_bench, write_tiny_configs
+from conftest import REPO_ROOT, read_json, run_fusion_bench, statsmerging_args, write_tiny_configs
 
 TA8 = ["sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
-
-
-def statsmerging_args(config_dir: Path, *extra: str):
-    return [
-        "--config-dir",
-        str(config_dir),
-        "method=statsmerging/clip_layer_wise",
-        "modelpool=tiny",
-        "taskpool=tiny",
-        "method.max_steps=3",
-        "method.num_unlabelled_per_task=8",
-        "method.hidden_dim=16",
-        "fabric.accelerator=cpu",
-        "print_config=false",
-        *extra,
-    ]
 
 
 def check_run(log_dir: Path, tasks=("mnist", "eurosat")):
@@ -119,8 +103,22 @@ def test_other_ta8_val_pools_compose(tmp_path, size):
     assert cfg.modelpool.models._pretrained_ == f"openai/clip-vit-{size}"
 
 
+def running_site_packages() -> list:
+    """The site-packages directories of the interpreter running pytest, in ``sys.path`` order."""
+    import site
+
+    candidates = site.getsitepackages() + [site.getusersitepackages()]
+    candidates += [
+        p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))
+    ]
+    dirs = [p for p in sys.path if p in candidates and Path(p).is_dir()]
+    return list(dict.fromkeys(dirs))
+
+
 def test_wheel_install_finds_our_configs(tmp_path):
-    """A non-editable wheel in a fresh virtualenv (dependencies from this environment) finds our configs."""
+    """A non-editable wheel in a fresh virtualenv finds our configs. The venv's dependencies are those
+    of the interpreter running pytest (``system_site_packages`` would see the *system* Python's, which
+    lack them when pytest runs inside a virtualenv)."""
     wheel_dir = tmp_path / "wheels"
     subprocess.run(
         [
@@ -147,7 +145,7 @@ def test_wheel_install_finds_our_configs(tmp_path):
         n.startswith("config/") for n in names
     ), "a top-level config/ would hijack FusionBench"
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=False)
+    venv.create(env_dir, system_site_packages=False, with_pip=False)
     py = str(env_dir / "bin" / "python")
     site = subprocess.run(
         [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -155,6 +153,11 @@ def test_wheel_install_finds_our_configs(tmp_path):
         capture_output=True,
         text=True,
     ).stdout.strip()
+    # the dependencies: whatever the interpreter running pytest sees (a virtualenv's or the system's),
+    # added after the venv's own site-packages, so the wheel's copy is imported first
+    (Path(site) / "_running_interpreter_site_packages.pth").write_text(
+        "".join(f"import site; site.addsitedir({d!r})\n" for d in running_site_packages())
+    )
     subprocess.run(
         [
             sys.executable,

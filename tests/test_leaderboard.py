@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import REPO_ROOT, run_fusion_bench, write_tiny_configs
@@ -69,10 +70,15 @@ def test_leaderboard_runs_methods_reports_failures_and_writes_md_json_png(tiny_c
         "**failed**" in md and "Task Arithmetic" in md and "Command: `statsmerge-leaderboard" in md
     )
     assert out.with_suffix(".png").stat().st_size > 2000
-    # a second run keeps the first table
-    first = out.with_suffix(".md").read_text()
-    main(tiny_leaderboard_args(config_dir, out, tmp_path, "pretrained"))
-    assert (out.parent / "leaderboard.previous.md").read_text() == first
+    # a second run into the same --out stops before any work, and keeps the first table
+    first = {suffix: out.with_suffix(suffix).read_bytes() for suffix in (".md", ".json", ".png")}
+    runs = sorted(p.name for p in (tmp_path / "docs" / "leaderboard_runs").iterdir())
+    with pytest.raises(
+        SystemExit, match=f"--out: '{out}.md' already exists; refusing to overwrite"
+    ):
+        main(tiny_leaderboard_args(config_dir, out, tmp_path, "pretrained"))
+    assert {suffix: out.with_suffix(suffix).read_bytes() for suffix in first} == first
+    assert sorted(p.name for p in (tmp_path / "docs" / "leaderboard_runs").iterdir()) == runs
 
 
 def test_shape_figures_check_the_real_benchmarks_ranking():
@@ -94,13 +100,69 @@ def test_shape_figures_check_the_real_benchmarks_ranking():
     assert shape["task_arithmetic_gap_points"] == pytest.approx(37.0)
 
 
-def test_bad_leaderboard_options_are_rejected():
-    with pytest.raises(SystemExit):
-        parse_args(["--methods", "pretrained,no_such_method"])
-    with pytest.raises(SystemExit):
-        parse_args(["--method-override", "ties=method.threshold=3"])
-    with pytest.raises(SystemExit):
-        parse_args(["--seeds", "a,b"])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "pretrained,no_such_method"], "unknown method(s) ['no_such_method']"),
+        (["--methods", ""], "--methods: no method given"),
+        (["--methods", " , "], "--methods: no method given"),
+        (["--method-override", "ties=method.threshold=3"], "expected METHOD:KEY=VALUE"),
+        (["--seeds", "a,b"], "--seeds must be comma-separated integers"),
+        (["--timeout", "0"], "--timeout must be a number of seconds > 0"),
+    ],
+)
+def test_bad_leaderboard_options_are_rejected(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def _existing_table(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "leaderboard.md").write_text("earlier table")
+    return tmp_path / "docs" / "leaderboard"
+
+
+def _under_a_file(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    return tmp_path / "a_file" / "leaderboard"
+
+
+def _fresh(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    return tmp_path / "docs" / "leaderboard"
+
+
+@pytest.mark.parametrize(
+    "make_out, extra, message",
+    [
+        (_existing_table, [], "--out: '{out}.md' already exists; refusing to overwrite it"),
+        (_under_a_file, [], "--out: directory '{out_dir}' is an existing file, not a directory"),
+        (
+            _fresh,
+            ["--runs-dir", "{t}/a_file/runs"],
+            "--runs-dir '{t}/a_file/runs' cannot be created",
+        ),
+    ],
+)
+def test_leaderboard_checks_its_outputs_before_any_run(tmp_path, make_out, extra, message):
+    out = make_out(tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    argv = ["--methods", "pretrained", "--out", str(out), "--cwd", str(tmp_path)]
+    argv += [a.format(t=tmp_path) for a in extra]
+    message = message.format(out=out, out_dir=out.parent, t=tmp_path)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main(argv)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_leaderboard_overwrite_is_explicit(tmp_path):
+    from statsmerge_plugin.leaderboard import check_outputs
+
+    out = _existing_table(tmp_path)
+    check_outputs(out, tmp_path / "runs", overwrite=True)  # allowed
+    with pytest.raises(ValueError, match="pass --overwrite"):
+        check_outputs(out, tmp_path / "runs", overwrite=False)
 
 
 def test_accuracy_table():
