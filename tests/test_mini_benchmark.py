@@ -127,12 +127,63 @@ def test_build_key_tracks_recipe_seed_and_tasks():
     assert key.startswith("mini-clip-r") and "-smoke-s0-t2-" in key
 
 
-def test_source_digest_ignores_formatting_and_docstrings_only():
-    from statsmerge_plugin.mini.recipe import _code_fingerprint
+def test_build_key_ignores_run_knobs_and_source_code():
+    from statsmerge_plugin.mini.recipe import key_fields
 
-    plain = _code_fingerprint("def f(x):\n    return x + 1\n")
-    assert _code_fingerprint('def f( x ):\n    """Doc."""\n    return (x+1)  # note\n') == plain
-    assert _code_fingerprint("def f(x):\n    return x + 2\n") != plain
+    recipe = get_recipe("smoke")
+    key = build_key(recipe, "smoke", 0, PAIR)
+    assert build_key(recipe.replace(num_threads=1, evaluate=False), "smoke", 0, PAIR) == key
+    assert "num_threads" not in key_fields(recipe) and "ft_lr" in key_fields(recipe)
+
+
+def test_build_made_before_a_pure_refactor_is_reused_after_it(tmp_path):
+    """Rename a function in a copy of ``mini/`` (a pure refactor): the old build is found."""
+    import shutil
+
+    built = ensure_built(root=tmp_path / "root", preset="smoke", tasks=PAIR[:1], progress=False)
+    stamp = (built / "manifest.json").stat().st_mtime_ns
+    copy = tmp_path / "src"
+    shutil.copytree(REPO / "statsmerge_plugin", copy / "statsmerge_plugin")
+    renamed = 0
+    for path in (copy / "statsmerge_plugin" / "mini").glob("*.py"):
+        text = path.read_text()
+        if "cosine_lr" in text:
+            path.write_text(text.replace("cosine_lr", "cosine_schedule"))
+            renamed += 1
+    assert renamed, "the refactor must touch the builder's code"
+    code = (
+        "import statsmerge_plugin.mini.train as t; assert hasattr(t, 'cosine_schedule');"
+        "from statsmerge_plugin.mini.build import ensure_built;"
+        f"print(ensure_built(root={str(tmp_path / 'root')!r}, preset='smoke',"
+        f" tasks={list(PAIR[:1])!r}, progress=False))"
+    )
+    env = dict(os.environ, PYTHONPATH=str(copy))
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == str(built)
+    assert (built / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+def test_finetuning_variants_share_one_pretraining(tmp_path):
+    one = PAIR[:1]
+    base = get_recipe("smoke").replace(evaluate=False)
+    a = build_mini_benchmark(tmp_path, 0, one, "smoke", recipe=base, progress=False)
+    b = build_mini_benchmark(
+        tmp_path, 0, one, "smoke", recipe=base.replace(ft_lr=base.ft_lr / 2), progress=False
+    )
+    c = build_mini_benchmark(
+        tmp_path, 0, one, "smoke", recipe=base.replace(pretrain_steps=3), progress=False
+    )
+    assert len({a["key"], b["key"], c["key"]}) == 3
+    assert len(list((tmp_path / ".stages").glob("pretrain-*"))) == 2
+    pa, pb, pc = (Path(m["path"]) / "pretrained" for m in (a, b, c))
+    wa, wb, wc = weights(pa), weights(pb), weights(pc)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+    fa, fb = weights(Path(a["path"]) / "models" / one[0]), weights(Path(b["path"]) / "models" / one[0])
+    assert any(not torch.equal(fa[k], fb[k]) for k in fa)
+    assert b["pretrain_loss"] == a["pretrain_loss"]
 
 
 def test_interrupted_build_is_not_taken_as_complete(tmp_path):

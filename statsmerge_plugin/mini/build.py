@@ -103,16 +103,21 @@ def pretrained_clip(stage_dir: Optional[Path], recipe: Recipe, seed: int, proces
 
     from . import train
 
-    if stage_dir is not None and (stage_dir / "losses.json").exists():
-        clip = CLIPModel.from_pretrained(stage_dir)
-        clip.logit_scale.requires_grad_(False)
-        return clip.eval(), json.loads((stage_dir / "losses.json").read_text())
-    clip = train.make_clip(recipe, processor.tokenizer)
-    losses = train.pretrain(clip, processor.tokenizer, pools, recipe, seed, pbar)
-    if stage_dir is not None:
+    if stage_dir is None:
+        clip = train.make_clip(recipe, processor.tokenizer)
+        return clip, train.pretrain(clip, processor.tokenizer, pools, recipe, seed, pbar)
+    with file_lock(stage_dir.with_name(f".{stage_dir.name}.lock")):
+        if (stage_dir / "losses.json").exists():
+            clip = CLIPModel.from_pretrained(stage_dir)
+            clip.logit_scale.requires_grad_(False)
+            return clip.eval(), json.loads((stage_dir / "losses.json").read_text())
+        for stale in stage_dir.parent.glob(f".tmp-{stage_dir.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        clip = train.make_clip(recipe, processor.tokenizer)
+        losses = train.pretrain(clip, processor.tokenizer, pools, recipe, seed, pbar)
         tmp = stage_dir.with_name(f".tmp-{stage_dir.name}-{os.getpid()}")
         clip.save_pretrained(tmp)
-        (tmp / "losses.json").write_text(json.dumps(losses))
+        (tmp / "losses.json").write_text(json.dumps(losses))  # written last: the stage is complete
         shutil.rmtree(stage_dir, ignore_errors=True)
         os.replace(tmp, stage_dir)
     return clip, losses

@@ -15,6 +15,7 @@ log, so the variants tried, failures included, stay on record.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tempfile
 import time
@@ -105,7 +106,7 @@ def measure_shape(
     tasks: Sequence[str],
     split: str = "val",
     adamerging_steps: int = ADAMERGING_STEPS,
-    progress=print,
+    progress=functools.partial(print, flush=True),
 ) -> Dict[str, object]:
     """Accuracies on ``split`` of every reference row, and the single-task-vector diagnostic."""
     from fusion_bench.method import (
@@ -121,10 +122,14 @@ def measure_shape(
     def evaluate(model) -> Dict[str, float]:
         return accuracies(everything.evaluate(model), tasks)
 
+    def done(name: str) -> None:
+        progress(f"{name}: {100 * rows[name]['average']:.1f}")
+
     rows: Dict[str, Dict[str, float]] = {}
     timings: Dict[str, float] = {}
     t = time.perf_counter()
     rows["zero-shot"] = _row(evaluate(pool.load_model("_pretrained_")))
+    done("zero-shot")
     rows["individual"] = _row(
         {
             task: accuracies(taskpool(root, [task], split).evaluate(pool.load_model(task)), [task])[
@@ -133,6 +138,7 @@ def measure_shape(
             for task in tasks
         }
     )
+    done("individual")
     single: Dict[str, Dict[str, float]] = {}
     for task in tasks:  # one task vector at λ = 0.3
         accs = evaluate(TaskArithmeticAlgorithm(scaling_factor=0.3).run(modelpool(root, [task], ())))
@@ -141,14 +147,18 @@ def measure_shape(
     timings["single"] = round(time.perf_counter() - t, 1)
     progress(f"zero-shot / individual / single vectors: {timings['single']} s")
     rows["simple_average"] = _row(evaluate(SimpleAverageAlgorithm().run(pool)))
+    done("simple_average")
     for lam in TA_GRID:
         merged = TaskArithmeticAlgorithm(scaling_factor=lam).run(pool)
         rows[f"task_arithmetic_{lam}"] = _row(evaluate(merged))
+        done(f"task_arithmetic_{lam}")
     rows["ties"] = _row(evaluate(TiesMergingAlgorithm(**TIES).run(pool)))
+    done("ties")
     if adamerging_steps > 0:
         t = time.perf_counter()
         rows["adamerging"] = _row(evaluate(adamerging(root, tasks, split, adamerging_steps)))
         timings["adamerging"] = round(time.perf_counter() - t, 1)
+        done("adamerging")
     return {"split": split, "rows": rows, "single_vector": single, "timings_seconds": timings}
 
 

@@ -563,8 +563,8 @@ def draw_texture(rng: np.random.Generator, label: int) -> Image.Image:
         for y in range(0, CANVAS * 2, 2 * p):
             d.rectangle([-32, y - 32, 96, y - 32 + p], fill=fg)
     elif label == 1:
-        for y in range(0, CANVAS * 2, p // 2):
-            d.line([-32, y - 32, 96, y - 32], fill=fg, width=1)
+        for y in range(0, CANVAS * 2, p // 2 + 3):
+            d.line([-32, y - 32, 96, y - 32], fill=fg, width=2)
     elif label in (2, 3):
         for y in range(-32, 96, p):
             for x in range(-32, 96, p):
@@ -575,7 +575,7 @@ def draw_texture(rng: np.random.Generator, label: int) -> Image.Image:
                 d.line([v, -32, v, 96], fill=fg, width=2)
                 d.line([-32, v, 96, v], fill=fg, width=2)
     elif label in (4, 5):
-        r = 1.5 if label == 4 else 4.0
+        r = 2.5 if label == 4 else 4.5
         for y in range(-32, 96, p):
             for x in range(-32, 96, p):
                 d.ellipse([x - r, y - r, x + r, y + r], fill=fg)
@@ -584,9 +584,9 @@ def draw_texture(rng: np.random.Generator, label: int) -> Image.Image:
             pts = [(x, y + (p / 2 if (x // 6) % 2 else 0)) for x in range(-32, 98, 6)]
             d.line(pts, fill=fg, width=2)
     elif label == 7:
-        for v in range(-64, 128, p // 2 + 2):
-            d.line([v, -32, v + 96, 96], fill=fg, width=1)
-            d.line([v + 96, -32, v, 96], fill=fg, width=1)
+        for v in range(-64, 128, p // 2 + 4):
+            d.line([v, -32, v + 96, 96], fill=fg, width=2)
+            d.line([v + 96, -32, v, 96], fill=fg, width=2)
     elif label == 8:
         for _ in range(12):
             x, y, r = rng.uniform(-8, 72), rng.uniform(-8, 72), rng.uniform(5, 12)
@@ -603,7 +603,7 @@ def draw_texture(rng: np.random.Generator, label: int) -> Image.Image:
                     )
                     for k in range(6)
                 ]
-                d.polygon(pts, outline=fg)
+                d.polygon(pts, outline=fg, width=2)
     img = _rotate(img, rng.uniform(0, 180) if label not in (2, 3, 9) else rng.uniform(-20, 20), bg)
     return _finish(img, rng)
 
