@@ -159,7 +159,12 @@ def test_build_made_before_a_pure_refactor_is_reused_after_it(tmp_path):
     )
     env = dict(os.environ, PYTHONPATH=str(copy))
     out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=tmp_path,  # the working directory would come before PYTHONPATH
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert out.stdout.strip() == str(built)
     assert (built / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
@@ -243,6 +248,37 @@ def test_cli_builds_and_prints_path(tmp_path):
 
 # ------------------------------------------------------------------------------------------
 # tokenizer and registry
+
+
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (["build", "--seed", "-1"], "seed"),
+        (["build", "--tasks", ","], "names no task"),
+        (["build", "--tasks", "mnist,imagenet"], "mini_imagenet"),
+        (["build", "--root", "{file}"], "is not a directory"),
+        (["shape", "--set", "ft_lr"], "KNOB=VALUE"),
+        (["shape", "--set", "warp=9"], "warp"),
+        (["shape", "--set", "ft_steps=many"], "ft_steps"),
+    ],
+)
+def test_cli_bad_input_fails_fast_naming_the_culprit(tmp_path, args, culprit):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    args = [a.replace("{file}", str(a_file)) for a in args]
+    env = dict(os.environ, STATSMERGE_MINI_ROOT=str(tmp_path / "root"))
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", "statsmerge_plugin.mini", *args, "--preset", "smoke"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2, out.stderr
+    assert culprit in out.stderr and "Traceback" not in out.stderr
+    assert time.perf_counter() - start < 60  # before any build work
+    assert a_file.read_text() == "keep me"
+    assert not list((tmp_path / "root").glob("mini-clip-*"))
 
 
 def test_pruned_tokenizer_matches_full_clip_bpe(tmp_path):

@@ -58,6 +58,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, KeyError, OSError) as err:  # bad input: one line naming the culprit
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"statsmerge-mini: error: {message}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     if args.command == "shape":
         return shape_main(args)
     from .build import build_mini_benchmark

@@ -50,8 +50,23 @@ def normalize_tasks(tasks: Union[None, str, Sequence[str]]) -> tuple:
     names = {t if t.startswith("mini_") else f"mini_{t}" for t in tasks}
     unknown = names - set(TASK_NAMES)
     if unknown:
-        raise KeyError(f"unknown mini tasks {sorted(unknown)}; known: {', '.join(TASK_NAMES)}")
+        raise ValueError(f"unknown mini tasks {sorted(unknown)}; known: {', '.join(TASK_NAMES)}")
+    if not names:
+        raise ValueError(f"the task subset {tasks!r} names no task; known: {', '.join(TASK_NAMES)}")
     return tuple(t for t in TASK_NAMES if t in names)
+
+
+def check_root(root: Path) -> Path:
+    """``root`` as a directory the builder can write into (created if missing), else a clear error."""
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"mini benchmark root {str(root)!r} exists and is not a directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create the mini benchmark root {str(root)!r}: {err}") from err
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise PermissionError(f"mini benchmark root {str(root)!r} is not writable")
+    return root
 
 
 def read_manifest(path: Path) -> Optional[dict]:
@@ -228,8 +243,10 @@ def build_mini_benchmark(
         progress: show tqdm progress bars.
     """
     recipe = recipe or get_recipe(preset)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"mini benchmark seed must be a non-negative integer, got {seed!r}")
     tasks = normalize_tasks(tasks)
-    root = Path(root).expanduser() if root is not None else default_root()
+    root = check_root(Path(root).expanduser() if root is not None else default_root())
     key = build_key(recipe, preset, seed, tasks)
     target = root / key
     with file_lock(root / f".{key}.lock"):
