@@ -53,6 +53,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     shape.add_argument("--log", default=None, help="JSON-lines log (default <root>/variants.jsonl)")
     shape.add_argument("--name", default="", help="a label for the log")
     shape.add_argument("--quiet", action="store_true", help="no progress bars")
+    variants = sub.add_parser("variants", help="print the recipe loop's log as a markdown table")
+    variants.add_argument("log", help="the JSON-lines log written by 'shape'")
     return parser.parse_args(argv)
 
 
@@ -69,6 +71,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.command == "shape":
         return shape_main(args)
+    if args.command == "variants":
+        from .shape import format_variants
+
+        with open(args.log) as fh:
+            print(format_variants([json.loads(line) for line in fh if line.strip()]))
+        return 0
     from .build import build_mini_benchmark
     from .evaluate import format_table
 

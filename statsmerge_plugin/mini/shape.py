@@ -270,3 +270,35 @@ def run_variant(
     with open(log, "a") as fh:
         fh.write(json.dumps(record) + "\n")
     return record
+
+
+def format_variants(records: Sequence[Dict[str, object]]) -> str:
+    """A markdown table of recipe-loop records (one row per variant and seed), val averages in %."""
+    cols = ["zero-shot", "individual", "simple_average"]
+    cols += [f"task_arithmetic_{lam}" for lam in TA_GRID] + ["ties", "adamerging"]
+    head = "| variant | knobs changed | seed | ZS | ind (min task) | SA | TA .1 | TA .2 | TA .3 | TIES "
+    head += "| AdaM | one τ at 0.3: others | targets met |"
+    lines = [head, "|" + "---|" * 13]
+    for rec in records:
+        rows = rec["rows"]
+        ind = rows["individual"]
+        cells = []
+        for col in cols:
+            if col not in rows:
+                cells.append("–")
+            elif col == "individual":
+                low = min(v for k, v in ind.items() if k != "average")
+                cells.append(f"{100 * ind['average']:.1f} ({100 * low:.0f})")
+            else:
+                cells.append(f"{100 * rows[col]['average']:.1f}")
+        single = rec["single_vector"].values()
+        others = 100 * sum(s["others_change"] for s in single) / len(single)
+        checks = shape_checks(rows)
+        met = f"{sum(ok for _, ok, _ in checks)}/{len(checks)}"
+        knobs = ", ".join(f"{k}={v}" for k, v in rec["overrides"].items() if k != "num_threads")
+        lines.append(
+            f"| {rec['name']} | {knobs or '–'} | {rec['seed']} | "
+            + " | ".join(cells)
+            + f" | {others:+.2f} | {met} |"
+        )
+    return "\n".join(lines)
