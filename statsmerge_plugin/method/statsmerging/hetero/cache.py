@@ -2,8 +2,10 @@
 
 Key = SHA-256 of a JSON payload holding the teacher's identity (its pool entry, a digest of its
 weights, of its head and of its processor), the student's starting point (digest of ``_pretrained_``
-and of the task's zero-shot head), the data (digests of the processed training images as teacher and
-student see them, and of the labels only when labels are used) and every distillation option.
+and of the task's zero-shot head, its processor), the data (a digest of the training images the
+steps use, in order of first use, read batch by batch without decoding; of their labels only when
+labels are used) and every distillation option. Both processors are part of the key, so the images
+and the processors determine the pixels each side sees.
 
 A student lives in ``<cache_dir>/<key>/`` (``save_pretrained`` of a ``CLIPVisionModel`` plus
 ``manifest.json``), written in ``<cache_dir>/.tmp-<key>-<pid>/`` and moved into place with
@@ -26,8 +28,9 @@ from torch import nn
 
 from statsmerge_plugin.mini.build import MANIFEST, file_lock, read_manifest
 
-# bump when the meaning of the cached content changes (e.g. the training loop)
-CACHE_FORMAT = 1
+# bump when the meaning of the cached content changes (e.g. the training loop); 2: streamed
+# training images, the data digest covers the images the steps use
+CACHE_FORMAT = 2
 
 
 def default_cache_dir() -> Path:

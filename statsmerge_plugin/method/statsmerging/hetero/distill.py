@@ -3,7 +3,8 @@
 The student starts from ``_pretrained_`` and is classified with the task's frozen zero-shot head
 (the head ``CLIPClassificationMixin`` builds); all of the student's vision parameters are trained,
 the head, projection and logit scale are not. Each step draws a batch of training images (an
-epoch-wise random permutation), applies the same random augmentation to the teacher's and the
+epoch-wise random permutation), streamed from the split by a ``DataLoader`` (never the whole split
+in memory, see :mod:`.stream`), applies the same random augmentation to the teacher's and the
 student's view, and minimises :func:`~.losses.distillation_objective` with AdamW under a warm-up +
 cosine schedule.
 """
@@ -11,6 +12,7 @@ cosine schedule.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -22,6 +24,7 @@ from statsmerge_plugin.validation import check_choice, check_int, check_positive
 
 from .augment import AUGMENTATIONS, apply_augmentation, sample_augmentation
 from .losses import distillation_objective
+from .stream import LabelledPairs, PairedViews, TeacherMemo, step_loader, used_positions
 
 
 @dataclass(frozen=True)
@@ -105,46 +108,72 @@ def batch_indices(
     return list(flat.view(steps, batch_size))
 
 
+def plan_batches(n: int, options: DistillOptions, steps: int):
+    """The positions of every step's batch (seeded by ``options.seed``) and the generator, which
+    then draws the augmentations. Deterministic: the cache key and the training loop agree."""
+    generator = torch.Generator().manual_seed(options.seed)
+    return batch_indices(n, options.batch_size, steps, generator), generator
+
+
+@dataclass
+class DistillRun:
+    """What one distillation did.
+
+    Attributes:
+        losses: the loss of every step.
+        step_seconds: wall time of every step (loading and processing its batch included).
+        images_used: distinct training images the steps used.
+        teacher_labelled: images the teacher labelled (each once without augmentation; with
+            augmentation every augmented view of every step).
+    """
+
+    losses: List[float]
+    step_seconds: List[float]
+    images_used: int
+    teacher_labelled: int
+
+
 def distill(
     student: nn.Module,
     student_logits: Callable[[nn.Module, torch.Tensor], torch.Tensor],
     teacher_logits: Callable[[torch.Tensor], torch.Tensor],
-    student_pixels: torch.Tensor,
-    teacher_pixels: torch.Tensor,
+    views: PairedViews,
     options: DistillOptions,
-    labels: Optional[torch.Tensor] = None,
     steps: Optional[int] = None,
+    device=None,
+    num_workers: int = 0,
     desc: str = "distill",
     progress: bool = True,
-) -> List[float]:
-    """Train ``student`` in place to match ``teacher_logits``; returns the loss of every step.
+) -> DistillRun:
+    """Train ``student`` in place to match ``teacher_logits``, streaming the training images.
+
+    Each step's batch is loaded, processed into both views and moved to ``device`` by a
+    ``DataLoader`` (:func:`~.stream.step_loader`), so memory holds one batch whatever the split's
+    size; the teacher labels an image the first time it is used (:class:`~.stream.TeacherMemo`),
+    or every augmented view when augmenting.
 
     Args:
         student: the student vision model (its parameters are trained).
         student_logits: ``f(student, pixels) -> [B, C]`` (the frozen zero-shot head).
         teacher_logits: ``f(pixels) -> [B, C]`` from the teacher's own head (no gradient).
-        student_pixels, teacher_pixels: the same ``N`` training images, as each processor makes
-          them.
+        views: the training images as both processors make them: :class:`~.stream.PairedViews`,
+            or :class:`~.stream.LabelledPairs` exactly when ``options.use_labels``.
         options: the distillation options.
-        labels: ``[N]`` ground-truth labels, required iff ``options.use_labels`` (never read
-          otherwise).
         steps: overrides ``options.max_steps`` (``fast_dev_run``).
+        device: where the batches go (default: the student's device).
+        num_workers: ``DataLoader`` worker processes.
     """
-    if options.use_labels != (labels is not None):
+    labelled = isinstance(views, LabelledPairs)
+    if options.use_labels != labelled:
         raise ValueError(
-            "labels must be given exactly when `use_labels` is true "
-            f"(use_labels={options.use_labels}, labels given: {labels is not None})"
+            "labelled views must be given exactly when `use_labels` is true "
+            f"(use_labels={options.use_labels}, labelled views: {labelled})"
         )
-    if len(student_pixels) != len(teacher_pixels):
-        raise ValueError("teacher and student views must hold the same images")
     steps = options.max_steps if steps is None else steps
-    generator = torch.Generator().manual_seed(options.seed)
-    batches = batch_indices(len(student_pixels), options.batch_size, steps, generator)
-    cached_teacher = None
-    if options.augmentation == "none":  # the teacher's targets never change: compute them once
-        cached_teacher = torch.cat(
-            [teacher_logits(chunk) for chunk in teacher_pixels.split(max(options.batch_size, 256))]
-        )
+    device = torch.device(device) if device is not None else next(student.parameters()).device
+    batches, generator = plan_batches(len(views), options, steps)
+    loader = step_loader(views, batches, num_workers, pin_memory=device.type == "cuda")
+    memo = TeacherMemo(teacher_logits) if options.augmentation == "none" else None
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -152,28 +181,37 @@ def distill(
     )
     student.train()
     losses: List[float] = []
-    bar = tqdm(batches, desc=desc, disable=not progress, leave=False)
-    for idx in bar:
-        params_ = sample_augmentation(
-            len(idx), options.augmentation, options.crop_fraction, generator
+    seconds: List[float] = []
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+    start = time.perf_counter()
+    for batch in loader:
+        student_px, teacher_px, positions = (t.to(device, non_blocking=True) for t in batch[:3])
+        labels = batch[3].to(device, non_blocking=True) if labelled else None
+        augment = sample_augmentation(
+            len(positions), options.augmentation, options.crop_fraction, generator
         )
-        xs = apply_augmentation(student_pixels[idx], params_)
-        if cached_teacher is not None:
-            target = cached_teacher[idx]
+        xs = apply_augmentation(student_px, augment)
+        if memo is not None:
+            target = memo.targets(positions, teacher_px)
         else:
-            target = teacher_logits(apply_augmentation(teacher_pixels[idx], params_))
+            target = teacher_logits(apply_augmentation(teacher_px, augment))
         loss = distillation_objective(
-            student_logits(student, xs),
-            target.to(xs.device),
-            options.temperature,
-            options.alpha,
-            None if labels is None else labels[idx].to(xs.device),
+            student_logits(student, xs), target, options.temperature, options.alpha, labels
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         losses.append(float(loss.detach()))
+        seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    bar.close()
     student.eval()
-    return losses
+    return DistillRun(
+        losses=losses,
+        step_seconds=[round(s, 4) for s in seconds],
+        images_used=len(used_positions(batches)),
+        teacher_labelled=len(memo) if memo is not None else steps * len(batches[0]),
+    )

@@ -44,12 +44,18 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from statsmerge_plugin.data import (
-    UnlabelledImages,
+    TestSplitGuard,
+    dataset_record,
     held_out_indices,
     resolve_held_out_source,
-    stack_images,
 )
-from statsmerge_plugin.validation import check_int, check_task_classnames
+from statsmerge_plugin.validation import (
+    check_bool,
+    check_int,
+    check_task_classnames,
+    check_writable_dir,
+    existing_artefacts,
+)
 
 from .cache import (
     cached_student,
@@ -61,7 +67,7 @@ from .cache import (
     student_lock,
     tensor_digest,
 )
-from .distill import DistillOptions, distill
+from .distill import DistillOptions, distill, plan_batches
 from .report import accuracy, write_report
 from .teachers import (
     Teacher,
@@ -71,8 +77,12 @@ from .teachers import (
     processor_identity,
     same_architecture,
 )
+from .stream import LabelledPairs, PairedViews, images_digest, used_positions
 
 log = logging.getLogger(__name__)
+
+#: What ``run`` writes into ``output_dir``; an earlier run's copies are never replaced silently.
+OUTPUT_ENTRIES = ("students", "modelpool", "report.json", "report.md")
 
 
 def plain(cfg: Any) -> Any:
@@ -83,7 +93,10 @@ def plain(cfg: Any) -> Any:
 
 
 def read_labels(dataset, indices: List[int]) -> torch.Tensor:
-    """Ground-truth labels of ``dataset[indices]`` (only ever called with ``use_labels``)."""
+    """Ground-truth labels of ``dataset[indices]`` (only ever called with ``use_labels``); a Hugging
+    Face dataset's label column is read without decoding its images."""
+    if hasattr(dataset, "select_columns") and "label" in getattr(dataset, "column_names", ()):
+        return torch.tensor(dataset.select_columns(["label"])[list(indices)]["label"])
     labels = []
     for i in indices:
         item = dataset[i]
@@ -124,7 +137,9 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
           views).
         crop_fraction: maximal crop offset, as a fraction of the image size.
         seed: seeds the image subset, batch order and augmentation.
-        num_train_images: images of the train split used per teacher (``null``: all).
+        num_train_images: images of the train split a teacher's steps draw from (``null``: all);
+            images are streamed batch by batch and only the ones the steps use are labelled.
+        num_workers: ``DataLoader`` workers that load and process the training images.
         cache_dir: student cache (``null``: ``$STATSMERGE_STUDENT_CACHE`` or the user cache dir).
         teachers: optional per-teacher overrides ``{task: {processor: ..., clip_model: ...}}``
             (default: both are loaded from the directory the teacher was loaded from).
@@ -134,6 +149,9 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         output_dir: where ``run`` writes students, pool YAML and report (``null``:
             ``<log_dir>/distill_to_base``).
         pool_name: file name (without ``.yaml``) of the written model pool config.
+        overwrite: allow replacing an earlier run's students, pool config and report in
+            ``output_dir`` (and, under the CLI, the log dir's files). Off: such a run stops before
+            any work.
     """
 
     def __init__(
@@ -150,19 +168,23 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         crop_fraction: float = 0.125,
         seed: int = 0,
         num_train_images: Optional[int] = None,
+        num_workers: int = 0,
         cache_dir: Optional[str] = None,
         teachers: Optional[Dict[str, Dict[str, Any]]] = None,
         evaluate_test: bool = True,
         eval_batch_size: int = 256,
         output_dir: Optional[str] = None,
         pool_name: str = "distilled",
+        overwrite: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.distill_options()  # validates every option now, naming the culprit
         if num_train_images is not None:
             check_int("num_train_images", num_train_images)
+        check_int("num_workers", num_workers, minimum=0)
         check_int("eval_batch_size", eval_batch_size)
+        check_bool("overwrite", overwrite)
         if teachers is not None and not isinstance(plain(teachers), dict):
             raise ValueError(
                 "option `teachers` must map task names to {processor, clip_model} overrides"
@@ -185,18 +207,38 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
 
     # ------------------------------------------------------------------------------------------
     def run(self, modelpool: CLIPVisionModelPool):
-        if self.output_dir is None and self.log_dir is None:
-            raise ValueError("distill_to_base needs `output_dir` (there is no log directory)")
-        out = Path(
-            self.output_dir
-            if self.output_dir is not None
-            else Path(self.log_dir) / "distill_to_base"
-        )
+        out = self.check_output_dir()  # before any work
         student_pool, report = self.distill_pool(modelpool)
         if self.fabric.is_global_zero:
             self.write_outputs(out, modelpool, student_pool, report)
         self.print_profile_summary()
         return None
+
+    def check_output_dir(self) -> Path:
+        """``output_dir`` (else ``<log_dir>/distill_to_base``): writable, and without an earlier
+        run's outputs unless ``overwrite``.
+
+        Raises:
+            ValueError: naming the directory (and what it already holds).
+        """
+        if self.output_dir is None and self.log_dir is None:
+            raise ValueError("distill_to_base needs `output_dir` (there is no log directory)")
+        out = Path(self.output_dir if self.output_dir is not None else self.log_dir)
+        out = check_writable_dir(
+            out if self.output_dir is not None else out / "distill_to_base", "`output_dir`"
+        )
+        found = existing_artefacts(out, OUTPUT_ENTRIES)
+        if found and not self.overwrite:
+            raise ValueError(
+                f"`output_dir` {str(out)!r} already holds an earlier run's outputs ({found}); "
+                "refusing to overwrite them: choose another `output_dir`, or pass "
+                "`method.overwrite=true` to replace them"
+            )
+        return out
+
+    def test_split_guard(self, modelpool) -> TestSplitGuard:
+        """The test sets of the model pool and of the program's task pool (never training data)."""
+        return TestSplitGuard(modelpool, getattr(getattr(self, "_program", None), "taskpool", None))
 
     def distill_pool(self, modelpool: CLIPVisionModelPool) -> Tuple[CLIPVisionModelPool, Dict]:
         """Check the pool, distil (or fetch from cache) each teacher; return student pool, report.
@@ -206,6 +248,7 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         """
         start = time.time()
         self.modelpool = modelpool
+        self._guard = self.test_split_guard(modelpool)
         plan = self.inspect_pool(modelpool)
         if not plan.teachers:
             log.warning(
@@ -234,7 +277,8 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
             "same_architecture": plan.same_architecture,
             "teachers": records,
             "cache_dir": str(self.resolved_cache_dir()),
-            "options": self.distill_options().key() | {"num_train_images": self.num_train_images},
+            "options": self.distill_options().key()
+            | {"num_train_images": self.num_train_images, "num_workers": self.num_workers},
             "fast_dev_run": bool(self.is_debug_mode),
         }
         if self.evaluate_test and teacher_tasks:
@@ -303,9 +347,8 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
                     override=overrides.get(task),
                     config=plain(modelpool.get_model_config(task)),
                 )
-                resolve_held_out_source(
-                    modelpool, task, "train"
-                )  # a train split, and not the test one
+                # a train split, and none of the model pool's or task pool's test sets
+                resolve_held_out_source(modelpool, task, "train", self._guard)
                 log.info(
                     f"task {task!r}: teacher ({plan.teachers[task].kind}, {type(model).__name__})"
                 )
@@ -322,16 +365,16 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         """Distil one teacher (or fetch its student from the cache); return path, record, losses."""
         task = teacher.task
         options = self.distill_options()
-        with self.profile("load train images"):
+        with self.profile("train split: identify the used images"):
             train = modelpool.load_train_dataset(task)
+            self._guard.check_dataset(task, "train", train)
             indices = held_out_indices(len(train), self.num_train_images, self.seed, task, "train")
-            student_view = self.to_device(
-                stack_images(UnlabelledImages(train, self.clip_processor, indices))
+            batches, _ = plan_batches(len(indices), options, self.steps())
+            used_rows = [indices[p] for p in used_positions(batches)]
+            views = (LabelledPairs if options.use_labels else PairedViews)(
+                train, self.clip_processor, teacher.processor, indices
             )
-            teacher_view = self.to_device(
-                stack_images(UnlabelledImages(train, teacher.processor, indices))
-            )
-            labels = read_labels(train, indices) if options.use_labels else None
+            labels = read_labels(train, used_rows) if options.use_labels else None
         head = self.zeroshot_weights[task]
         key = student_cache_key(
             teacher={
@@ -344,8 +387,8 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
             },
             data={
                 "split": "train",
-                "student_pixels": tensor_digest(student_view),
-                "teacher_pixels": tensor_digest(teacher_view),
+                "num_images": len(indices),
+                "images_used": images_digest(train, used_rows),  # in order of first use
                 "labels": None if labels is None else tensor_digest(labels),
             },
             options=options.key()
@@ -366,6 +409,8 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
             "use_labels": options.use_labels,
             "steps": self.steps(),
             "num_train_images": len(indices),
+            "images_used": len(used_rows),
+            "train_data": dataset_record(train, "train"),
             "cache_key": key,
         }
         start = time.time()
@@ -383,18 +428,19 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
             student = self.to_device(modelpool.load_pretrained_model())
             student.requires_grad_(True)
             with self.profile("distillation"):
-                losses = distill(
+                result = distill(
                     student,
                     lambda module, pixels: self.compute_logits(module, pixels, task),
                     teacher.logits,
-                    student_view,
-                    teacher_view,
+                    views,
                     options,
-                    labels=labels,
                     steps=self.steps(),
+                    device=self.fabric.device,
+                    num_workers=self.num_workers,
                     desc=("[DEBUG MODE] " if self.is_debug_mode else "") + f"distil {task}",
                     progress=self.fabric.is_global_zero,
                 )
+            losses = result.losses
             seconds = round(time.time() - start, 2)
             student.requires_grad_(False)
             path = save_student(
@@ -419,6 +465,8 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
             "cache_hit": False,
             "student_path": str(path),
             "distill_seconds": seconds,
+            "step_seconds": result.step_seconds,
+            "teacher_labelled": result.teacher_labelled,
             "final_loss": losses[-1] if losses else None,
         }
         return path, record, losses

@@ -36,14 +36,15 @@ class HeteroStatsMergingForCLIP(StatsMergingForCLIP):
     Args:
         distillation: options of :class:`DistillToBaseForCLIP` (``temperature``, ``alpha``,
             ``use_labels``, ``max_steps``, ``lr``, ``batch_size``, ``augmentation``, ``seed``,
-            ``cache_dir``, ``teachers``, ...); ``output_dir``/``pool_name`` are not used here.
+            ``cache_dir``, ``teachers``, ``num_workers``, ...); ``output_dir``, ``pool_name`` and
+            ``overwrite`` belong to method=distill_to_base only.
         **kwargs: every option of :class:`StatsMergingForCLIP`.
     """
 
     def __init__(self, distillation: Optional[Dict[str, Any]] = None, **kwargs):
         super().__init__(**kwargs)
         self.distillation = plain(distillation) or {}
-        unused = {"output_dir", "pool_name"} & set(self.distillation)
+        unused = {"output_dir", "pool_name", "overwrite"} & set(self.distillation)
         if unused:
             raise ValueError(
                 f"options `distillation.{sorted(unused)}` are only for method=distill_to_base"

@@ -12,6 +12,8 @@ head:
 * ``classifier``: a transformers ``*ForImageClassification`` model
   (``ResNetForImageClassification``, ``ConvNextForImageClassification``, ...). Logits are its own
   ``model(pixel_values).logits``; its processor is ``AutoImageProcessor.from_pretrained(<source>)``.
+  When its ``config.id2label`` names classes, a name that is one of the task's class names must sit
+  at that class's index (:func:`check_label_order`); a teacher in another class order is refused.
 
 The *source directory* is the ``name_or_path`` that ``from_pretrained`` records on the model (so
 weights and processor/CLIP saved together, the Hugging Face convention), unless the method option
@@ -23,7 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -103,6 +105,52 @@ def clip_head_logits(
     embeds = visual_projection(pooled)
     embeds = embeds / embeds.norm(p=2, dim=-1, keepdim=True)
     return logit_scale_exp * embeds @ head.t()
+
+
+def normalised_class_name(name) -> str:
+    """``"Annual_Crop-land"`` -> ``"annual crop land"``: case, ``_``/``-`` and spacing ignored."""
+    return " ".join(str(name).replace("_", " ").replace("-", " ").lower().split())
+
+
+def head_class_names(model: nn.Module) -> Optional[List[str]]:
+    """A classifier's class names in output order (``config.id2label``); ``None`` when its config
+    only has transformers' placeholder names ``LABEL_<i>`` (the order cannot be checked)."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    names = [id2label.get(i, id2label.get(str(i))) for i in range(len(id2label))]
+    if not names or any(n is None for n in names):
+        return None
+    if all(str(n) == f"LABEL_{i}" for i, n in enumerate(names)):
+        return None
+    return [str(n) for n in names]
+
+
+def check_label_order(task: str, head_names: Sequence[str], classnames: Sequence[str]) -> List[str]:
+    """A classifier teacher's outputs must be the task's classes *in the task's order*.
+
+    Names are compared after :func:`normalised_class_name`. A head class that is one of the task's
+    class names at another index means the teacher would teach wrong labels.
+
+    Returns:
+        The head's names that are none of the task's class names (another spelling: the order of
+        those cannot be checked).
+
+    Raises:
+        ValueError: naming the teacher, the first misplaced class and both indices.
+    """
+    index = {normalised_class_name(c): i for i, c in enumerate(classnames)}
+    unknown = []
+    for i, name in enumerate(head_names):
+        j = index.get(normalised_class_name(name))
+        if j is None:
+            unknown.append(str(name))
+        elif j != i:
+            raise ValueError(
+                f"teacher {task!r}: its head's output {i} is {name!r}, which is class {j} of task "
+                f"{task!r} ({classnames[j]!r}); the teacher's classes are in another order than "
+                "the task's class names. Permute the head's outputs (and `config.id2label`) into "
+                "the task's class order"
+            )
+    return unknown
 
 
 def classifier_logits(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -234,7 +282,8 @@ def build_teacher(
     Raises:
         ValueError: naming ``task`` when the model has no usable head (neither a CLIP vision model
             with a loadable text tower nor a ``*ForImageClassification``), when its processor cannot
-            be loaded, or when its head's class count differs from the task's class names.
+            be loaded, when its head's class count differs from the task's class names, or when a
+            classifier's class names (``config.id2label``) are the task's in another order.
     """
     override = dict(override or {})
     kind = teacher_kind(model)
@@ -271,7 +320,26 @@ def build_teacher(
             f"teacher {task!r}: its head has {teacher.num_classes} classes but task {task!r} has "
             f"{len(classnames)} class names; a teacher must classify exactly the task's classes"
         )
+    if kind == "classifier":
+        check_classifier_labels(task, model, classnames)
     return teacher
+
+
+def check_classifier_labels(task: str, model: nn.Module, classnames: Sequence[str]) -> None:
+    """:func:`check_label_order` on a classifier's ``id2label``; logs what cannot be checked."""
+    names = head_class_names(model)
+    if names is None:
+        log.warning(
+            f"teacher {task!r}: its config names no classes (id2label is LABEL_0, LABEL_1, ...): "
+            "the order of its outputs cannot be checked against the task's class names"
+        )
+        return
+    unknown = check_label_order(task, names, classnames)
+    if unknown:
+        log.warning(
+            f"teacher {task!r}: {len(unknown)} of its {len(names)} class names are not the task's "
+            f"(e.g. {unknown[:3]}); their order cannot be checked"
+        )
 
 
 def processor_identity(processor) -> Any:
