@@ -7,25 +7,72 @@ For task ``k`` and merged parameter tensor ``l`` the feature vector is
 of the task vector ``tau_k^l = theta_k^l - theta_0^l`` (or, with ``source="finetuned"``, of the fine-tuned
 weights ``theta_k^l``, as the paper literally writes). The paper does not say how non-matrix tensors get
 singular values; we reshape 1-D tensors to ``1 x n`` and tensors of 3 or more dimensions to ``[d0, -1]``,
-and zero-pad when the rank is below ``r`` (spec §3, step A).
+and zero-pad when the rank is below ``r`` (spec §3, step A). For a 1-D tensor sigma_1 is its norm and
+sigma_2.. are 0.
 
-All functions here work on one tensor at a time and raise errors that name the tensor at fault.
+The official code's features are pooled over tasks instead (:class:`PooledStatistics`): one row
+``[mean, std, variance, norm, sigma_1, rank]`` of the ``K x n`` matrix of the K task vectors, whose
+singular values come from the ``K x K`` Gram matrix accumulated tensor by tensor, so a whole-model row
+never concatenates the model's task vectors.
+
+Features span many orders of magnitude (variances ~1e-7 next to norms ~1), so :class:`FeatureNormalizer`
+offers per-feature normalisations fitted on the layer-wise table (every task and tensor) and applied to
+whatever rows the learner gets (layer-wise or task-wise). All functions work on tensors only and raise
+errors that name the tensor or option at fault.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Iterable, List, Literal, Optional, Sequence
 
 import torch
 
-FeatureNorm = Literal["none", "standardize", "log_abs"]
-FEATURE_NORMS = ("none", "standardize", "log_abs")
+FeatureNorm = Literal["none", "standardize", "log_abs", "log_standardize"]
+FEATURE_NORMS = ("none", "standardize", "log_abs", "log_standardize")
 BASE_FEATURES = ("mean", "variance", "l2_norm")
+POOLED_FEATURES = ("mean", "std", "variance", "l2_norm", "sigma_1", "rank")
+#: The paper's feature groups (its Table 5 ablation adds them in this order).
+FEATURE_GROUPS = ("mean", "variance", "l2_norm", "singular_values")
+#: Columns of each group in the pooled (official-code) features.
+POOLED_GROUP_COLUMNS = {
+    "mean": ("mean",),
+    "variance": ("std", "variance"),
+    "l2_norm": ("l2_norm",),
+    "singular_values": ("sigma_1", "rank"),
+}
+LOG_EPS = 1e-12
 
 
 def feature_names(rank: int) -> list[str]:
     """Column names of a statistics vector with ``rank`` singular values."""
     return list(BASE_FEATURES) + [f"sigma_{i + 1}" for i in range(rank)]
+
+
+def check_feature_groups(groups: Sequence[str], option: str = "stat_features") -> List[str]:
+    """A non-empty list of distinct names from :data:`FEATURE_GROUPS` (error names ``option``)."""
+    groups = list(groups) if isinstance(groups, (list, tuple)) else groups
+    if (
+        not isinstance(groups, list)
+        or not groups
+        or any(g not in FEATURE_GROUPS for g in groups)
+        or len(set(groups)) != len(groups)
+    ):
+        raise ValueError(
+            f"invalid value {groups!r} for option `{option}`: expected a non-empty list of distinct "
+            f"names from {FEATURE_GROUPS}"
+        )
+    return groups
+
+
+def feature_columns(groups: Sequence[str], rank: int, pooled: bool = False) -> List[int]:
+    """Indices of the columns of ``groups`` in per-task features (``pooled=False``, rank ``rank``)
+    or in the pooled features (:data:`POOLED_FEATURES`), in column order."""
+    groups = check_feature_groups(groups)
+    if pooled:
+        wanted = {c for g in groups for c in POOLED_GROUP_COLUMNS[g]}
+        return [i for i, c in enumerate(POOLED_FEATURES) if c in wanted]
+    names = feature_names(rank)
+    return [i for i, c in enumerate(names) if (c if i < 3 else "singular_values") in groups]
 
 
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
@@ -87,23 +134,55 @@ def tensor_statistics(
     return torch.cat([base, sv.to(base)])
 
 
-def normalize_features(features: torch.Tensor, mode: FeatureNorm = "none") -> torch.Tensor:
-    """Optional feature normalisation over the last dimension's columns (not in the paper; §6 row 7).
+class FeatureNormalizer:
+    """A per-feature normalisation fitted on a reference table and applied to any rows.
 
-    * ``none``: raw statistics (paper default);
-    * ``standardize``: each column to zero mean and unit variance over all (task, tensor) entries;
-    * ``log_abs``: ``log(|x| + 1e-12)``, which brings variances (~1e-8) and norms (~1) to one scale.
+    Modes (not in the paper, spec §6 row 7):
+
+    * ``none``: raw statistics (paper);
+    * ``standardize``: each feature to zero mean, unit variance over the reference rows;
+    * ``log_abs``: ``log(|x| + 1e-12)``, which brings variances (~1e-8) and norms (~1) to one scale;
+    * ``log_standardize``: ``log_abs``, then ``standardize``.
+
+    Fitting on the layer-wise table (every task and tensor, ``[..., D]``) and applying the fitted map
+    to task-wise rows makes every normalisation meaningful for every granularity: a single pooled row
+    standardised over itself would be all zeros. Features that are constant over the reference
+    (e.g. sigma_2 = 0 everywhere) are centred and left unscaled.
+
+    Args:
+        reference: ``[..., D]``, the rows the per-feature statistics are taken over.
+        mode: one of :data:`FEATURE_NORMS`.
     """
-    if mode == "none":
-        return features
-    if mode == "standardize":
-        flat = features.reshape(-1, features.shape[-1])
-        mean = flat.mean(0)
-        std = flat.std(0, unbiased=False)
-        return (features - mean) / torch.where(std > 0, std, torch.ones_like(std))
-    if mode == "log_abs":
-        return torch.log(features.abs() + 1e-12)
-    raise ValueError(f"invalid feature normalisation {mode!r}: expected one of {FEATURE_NORMS}")
+
+    def __init__(self, reference: torch.Tensor, mode: FeatureNorm = "none"):
+        if mode not in FEATURE_NORMS:
+            raise ValueError(
+                f"invalid value {mode!r} for option `feature_norm`: expected one of {FEATURE_NORMS}"
+            )
+        self.mode = mode
+        self.mean: Optional[torch.Tensor] = None
+        self.std: Optional[torch.Tensor] = None
+        if mode in ("standardize", "log_standardize"):
+            flat = self._pre(reference).reshape(-1, reference.shape[-1])
+            self.mean = flat.mean(0)
+            std = flat.std(0, unbiased=False)
+            self.std = torch.where(std > 1e-12 * (1 + self.mean.abs()), std, torch.ones_like(std))
+
+    def _pre(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x.abs() + LOG_EPS) if self.mode.startswith("log") else x
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        if self.mode == "none":
+            return features
+        x = self._pre(features)
+        if self.mean is None:
+            return x
+        return (x - self.mean.to(x)) / self.std.to(x)
+
+
+def normalize_features(features: torch.Tensor, mode: FeatureNorm = "none") -> torch.Tensor:
+    """``features`` normalised per feature over all of its own rows (see :class:`FeatureNormalizer`)."""
+    return FeatureNormalizer(features, mode)(features)
 
 
 def pool_task_wise(features: torch.Tensor) -> torch.Tensor:
@@ -115,30 +194,100 @@ def pool_task_wise(features: torch.Tensor) -> torch.Tensor:
     return features.mean(dim=1, keepdim=True)
 
 
-def pooled_tensor_statistics(
-    task_tensors: Sequence[torch.Tensor], name: str = "<tensor>"
-) -> torch.Tensor:
-    """The official code's per-tensor features, pooled over tasks (spec §2.2, "official" mode).
+class PooledStatistics:
+    """The official code's statistics of K task vectors pooled over tasks (spec §2.2).
 
-    The K task vectors of one tensor (or of several tensors, concatenated) are flattened into a ``K x n``
-    matrix and summarised by ``[mean, std, var, norm, sigma_1, rank]`` with ``rank = #{sigma > 1e-3}``.
-    Singular values come from the ``K x K`` Gram matrix, so ``n`` may be the size of a whole model.
+    ``add`` one tensor's task vectors ``[K, *shape]`` at a time (several calls for a whole model);
+    :meth:`result` gives ``[mean, std, var, norm, sigma_1, rank]`` (:data:`POOLED_FEATURES`) of the
+    ``K x n`` matrix of all of them (std and var unbiased, ``rank = #{sigma > 1e-3}``). Memory stays
+    at the ``K x K`` Gram matrix and a bounded float64 slice of one tensor: mean and variance are
+    combined chunk by chunk (Chan et al.), the singular values are those of the accumulated Gram
+    matrix ``sum_chunks X X^T``.
+
+    Args:
+        name: named in errors.
+        chunk_elements: float64 elements converted at once (``K x columns``).
     """
-    stacked = torch.stack([t.detach().double().reshape(-1) for t in task_tensors])
-    if not torch.isfinite(stacked).all():
-        raise ValueError(f"tensor {name!r} contains NaN or inf values")
-    eig = torch.linalg.eigvalsh(stacked @ stacked.T).clamp_min(0)
-    sv = eig.flip(0).sqrt()
-    return torch.stack(
-        [
-            stacked.mean(),
-            stacked.std(),
-            stacked.var(),
-            stacked.norm(),
-            sv[0],
-            (sv > 1e-3).sum().to(stacked.dtype),
-        ]
-    ).float()
+
+    def __init__(self, name: str = "<tensor>", chunk_elements: int = 1 << 23):
+        self.name = name
+        self.chunk_elements = chunk_elements
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+        self.gram: Optional[torch.Tensor] = None
+
+    def add(self, task_tensors: torch.Tensor, name: Optional[str] = None) -> "PooledStatistics":
+        """Accumulate one tensor's task vectors, ``[K, *shape]``."""
+        flat = task_tensors.detach().reshape(task_tensors.shape[0], -1)
+        if flat.numel() == 0:
+            raise ValueError(
+                f"tensor {name or self.name!r} is empty: no statistics can be computed"
+            )
+        self._start(flat.shape[0], flat.device, name or self.name)
+        step = max(1, self.chunk_elements // flat.shape[0])
+        for chunk in flat.split(step, dim=1):
+            x = chunk.double()
+            if not torch.isfinite(x).all():
+                raise ValueError(f"tensor {name or self.name!r} contains NaN or inf values")
+            mean = float(x.mean())
+            self._combine(x.numel(), mean, float((x - mean).pow(2).sum()), x @ x.T)
+        return self
+
+    def merge(self, other: "PooledStatistics") -> "PooledStatistics":
+        """Accumulate everything ``other`` has accumulated (same K)."""
+        if other.gram is None:
+            return self
+        self._start(other.gram.shape[0], other.gram.device, other.name)
+        self._combine(other.count, other.mean, other.m2, other.gram)
+        return self
+
+    def _start(self, K: int, device, name: str) -> None:
+        if self.gram is None:
+            self.gram = torch.zeros(K, K, dtype=torch.float64, device=device)
+        elif self.gram.shape[0] != K:
+            raise ValueError(
+                f"tensor {name!r}: {K} task vectors, earlier tensors had {self.gram.shape[0]}"
+            )
+
+    def _combine(self, n: int, mean: float, m2: float, gram: torch.Tensor) -> None:
+        """Chan et al.'s pairwise update of count, mean and sum of squared deviations."""
+        total = self.count + n
+        delta = mean - self.mean
+        self.m2 += m2 + delta * delta * self.count * n / total
+        self.mean += delta * n / total
+        self.count = total
+        self.gram += gram
+
+    def result(self) -> torch.Tensor:
+        """``[mean, std, var, norm, sigma_1, rank]`` (float32)."""
+        if self.gram is None or self.count == 0:
+            raise ValueError(f"tensor {self.name!r} is empty: no statistics can be computed")
+        var = self.m2 / (self.count - 1) if self.count > 1 else 0.0
+        sv = torch.linalg.eigvalsh(self.gram).clamp_min(0).flip(0).sqrt()
+        norm = float(self.gram.diagonal().sum().clamp_min(0).sqrt())
+        return torch.tensor(
+            [self.mean, var**0.5, var, norm, float(sv[0]), float((sv > 1e-3).sum())],
+            dtype=torch.float32,
+        )
 
 
-POOLED_FEATURES = ("mean", "std", "variance", "l2_norm", "sigma_1", "rank")
+def pooled_tensor_statistics(task_tensors, name: str = "<tensor>") -> torch.Tensor:
+    """:class:`PooledStatistics` of one tensor's task vectors (``[K, *shape]`` or a list of K)."""
+    if not isinstance(task_tensors, torch.Tensor):
+        task_tensors = torch.stack([t.detach().reshape(-1) for t in task_tensors])
+    return PooledStatistics(name).add(task_tensors).result()
+
+
+def pooled_model_statistics(
+    per_tensor: Iterable[torch.Tensor], names: Optional[Sequence[str]] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled statistics of every tensor (``[L, 6]``) and of all of them together (``[6]``), in one
+    pass over the ``[K, *shape]`` task-vector tensors; nothing is concatenated."""
+    whole = PooledStatistics("<all tensors>")
+    rows = []
+    for l, tensor in enumerate(per_tensor):
+        one = PooledStatistics(names[l] if names is not None else f"<tensor {l}>").add(tensor)
+        rows.append(one.result())
+        whole.merge(one)
+    return torch.stack(rows), whole.result()

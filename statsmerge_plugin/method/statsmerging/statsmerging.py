@@ -8,30 +8,31 @@ Merge rule (Algorithm 1, line 19), for every merged parameter tensor l ("layer" 
 AdaMerging and FusionBench's ``LayerWiseMergedModel``):
 
 $$ \theta^l = \theta_0^l + \sum_k \lambda_k^l \tau_k^l, \qquad
-   \lambda^l = \mathrm{softmax}_k\big(f(S_k^l)\big), \quad
+   \lambda^l = s \cdot \mathrm{softmax}_k\big(f(S_k^l)\big), \quad
    S_k^l = [\mu, \sigma^2, \|\cdot\|_2, \sigma'_1, \dots, \sigma'_r](\tau_k^l) $$
 
-``f`` is the StatsMergeLearner; only ``f`` is trained. Its loss is task-specific teacher distillation
-(§3.3): fine-tuned model k with task k's frozen zero-shot head labels task k's *unlabelled* images and
-the merged model is trained to agree (hard pseudo-label cross-entropy, or KL).
+``f`` is the StatsMergeLearner; only ``f`` (and, with ``scale=learned``, the overall scale ``s``; the
+paper's ``s = 1``) is trained. Its loss is task-specific teacher distillation (§3.3): fine-tuned model
+k with task k's frozen zero-shot head labels task k's *unlabelled* images and the merged model is
+trained to agree (hard pseudo-label cross-entropy, or KL).
+
+This class only wires FusionBench's pool, data, Fabric and logging; the math is in
+:mod:`.statistics`, :mod:`.learner`, :mod:`.distillation` and :mod:`.merge`.
 
 Implementation notes, and deliberate deviations from the official code (spec §2, §6):
 
 * Training data are unlabelled images from a split held out of training data (the pool's val split, else a
   seeded slice of train); the official code trains (and selects checkpoints) on *test-split ground truth*.
-  Here the test split is never read: :mod:`statsmerge_plugin.data` refuses it and drops labels.
+  Here the test split is never read: :mod:`statsmerge_plugin.data` refuses it and drops labels. Model
+  selection (``selection``), when asked for, uses a held-out part of those same images and the
+  teachers' labels, never the test split and never ground truth.
 * Only the learner is trained; the official code also trains the classification heads.
 * Statistics are per task (the paper's S_k^l); the official code pools them over tasks. That pooled,
   per-tensor-MLP design is available as ``learner=per_tensor``; ``learner=free`` is a free logit table
-  under the same loss, the control that isolates what the statistics contribute.
-* Adam, lr 1e-3, StepLR(100, 0.1) as in the paper (the official code uses AdamW + cosine); one "epoch" is
-  one optimiser step over ``batch_size_per_task`` images of every task, as in the official code.
-* No model selection at all (the official code picks the best test accuracy every 50 epochs).
-
-Reliability (issue 12): every option, model and output location is checked before any long work
-(task models are streamed block by block from their files: shapes, finite values, readability); the
-loss and the gradients must stay finite during training (the error names the step), and the learned
-coefficients and merged weights must be finite before anything is saved or evaluated.
+  under the same loss, the control that isolates what the statistics contribute. Each mode has its own
+  default learning rate (``lr=null``), under which it can reach any coefficient table.
+* One merged forward per step: every task's images are concatenated and encoded once, each task's head
+  is applied to its slice (the official code runs one forward per task).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from fusion_bench import BaseAlgorithm, auto_register_config
@@ -64,20 +65,35 @@ from statsmerge_plugin.method.prodistill.layers import (
 )
 from statsmerge_plugin.method.statsmerging.distillation import (
     DISTILLATION_LOSSES,
-    distillation_loss,
+    TASK_WEIGHTINGS,
+    agreement,
+    combine_task_losses,
+    task_logits,
+    task_loss,
 )
 from statsmerge_plugin.method.statsmerging.learner import (
+    DEFAULT_LR,
     LEARNER_MODES,
+    LR_SCHEDULES,
     OUTPUT_NORMS,
+    SCALE_MODES,
+    SELECTION_MODES,
+    ModelSelector,
+    OptimiserSettings,
     StatsMergeLearner,
+    build_optimiser,
+    coefficient_movement,
 )
 from statsmerge_plugin.method.statsmerging.merge import TaskVectorMerge
 from statsmerge_plugin.method.statsmerging.statistics import (
+    FEATURE_GROUPS,
     FEATURE_NORMS,
+    FeatureNormalizer,
+    check_feature_groups,
+    feature_columns,
     feature_names,
-    normalize_features,
     pool_task_wise,
-    pooled_tensor_statistics,
+    pooled_model_statistics,
     tensor_statistics,
 )
 from statsmerge_plugin.threads import configure_torch_threads
@@ -103,6 +119,9 @@ log = logging.getLogger(__name__)
 PRETRAINED = "_pretrained_"
 GRANULARITIES = ("layer_wise", "task_wise")
 STATS_SOURCES = ("task_vector", "finetuned")
+SELECTION_METRICS = ("agreement", "loss")
+#: the smallest start loss ``task_weighting=relative`` divides by
+MIN_START_LOSS = 1e-6
 
 
 def fresh_dir(parent: Path, name: str) -> Path:
@@ -125,21 +144,40 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
         learner: ``shared`` (one MLP on per-task statistics, the paper), ``per_tensor`` (one MLP per
             tensor on statistics pooled over tasks, the official code) or ``free`` (a free logit table).
         stats_source: statistics of the ``task_vector`` (theta_k - theta_0) or of the ``finetuned`` weights.
+        stat_features: the statistics the learner sees, any of ``mean``, ``variance``, ``l2_norm``,
+            ``singular_values`` (the paper's feature ablation adds them in this order).
         svd_rank: number r of top singular values in the statistics.
         svd_exact_max_numel: tensors up to this many elements get an exact SVD, larger ones a randomized
             top-r SVD.
-        feature_norm: ``none`` (paper), ``standardize`` or ``log_abs``.
+        feature_norm: ``none`` (paper), ``standardize``, ``log_abs`` or ``log_standardize``, per
+            feature, fitted over every task and tensor (so it works for task-wise rows too).
         hidden_dim: hidden width of the learner's MLP(s).
         output_norm: ``softmax`` / ``relu`` / ``none`` over tasks.
+        scale: ``fixed`` (coefficients times ``init_scale``) or ``learned`` (an overall scale learned
+            from ``init_scale``, with its own learning rate ``scale_lr``).
+        init_scale: the (initial) overall scale; 1 with softmax is the paper's convex merge.
         loss: ``ce_hard`` (teacher pseudo-labels) or ``kl_soft``.
         temperature: temperature of ``kl_soft``.
-        lr, lr_step_size, lr_gamma: Adam learning rate and StepLR schedule (per step).
+        task_weighting: ``sum`` (paper), ``relative`` (each task's loss over its value at the start)
+            or ``confidence`` (every image's loss weighted by its teacher's confidence).
+        lr: Adam learning rate; ``None``: the learner mode's default (:data:`DEFAULT_LR`).
+        lr_schedule: ``step`` (StepLR(lr_step_size, lr_gamma), paper), ``cosine`` or ``constant``.
+        lr_step_size, lr_gamma: of the ``step`` schedule (stepped every optimiser step).
+        scale_lr: Adam learning rate of the learned scale (same schedule).
         max_steps: optimiser steps ("epochs" in the paper); ``fast_dev_run`` runs one.
         batch_size_per_task: unlabelled images of every task per step.
         num_unlabelled_per_task: unlabelled images per task (``null``: the whole held-out split).
         data_source: ``auto`` (val split if the pool has one, else a seeded slice of train), ``val`` or
             ``train``; never ``test``.
-        teacher_batch_size: batch size when labelling images with the teachers.
+        selection: ``none`` (the last step, paper), ``best`` (the best evaluated step) or
+            ``early_stop`` (``best``, stopping after ``patience`` evaluations without improvement),
+            evaluated on a held-out part of the unlabelled images, never trained on.
+        selection_fraction: the part of each task's unlabelled images held out for ``selection``.
+        selection_metric: ``agreement`` (with the teachers' labels, averaged over tasks) or ``loss``
+            (the training objective, lower is better).
+        eval_every: steps between selection evaluations (the start and the last step are evaluated too).
+        patience: evaluations without improvement before ``early_stop`` stops.
+        teacher_batch_size: batch size when labelling images with the teachers (and evaluating).
         seed: seeds data sampling and the learner's initialisation.
         save_outputs: write coefficients, statistics, loss curve and heatmap into the log dir.
         overwrite: allow replacing an earlier run's files (an existing, non-empty
@@ -153,20 +191,31 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
         granularity: str = "layer_wise",
         learner: str = "shared",
         stats_source: str = "task_vector",
+        stat_features: Sequence[str] = FEATURE_GROUPS,
         svd_rank: int = 3,
         svd_exact_max_numel: int = 4_000_000,
         feature_norm: str = "none",
         hidden_dim: int = 256,
         output_norm: str = "softmax",
+        scale: str = "fixed",
+        init_scale: float = 1.0,
         loss: str = "ce_hard",
         temperature: float = 1.0,
-        lr: float = 1e-3,
+        task_weighting: str = "sum",
+        lr: Optional[float] = None,
+        lr_schedule: str = "step",
         lr_step_size: int = 100,
         lr_gamma: float = 0.1,
+        scale_lr: float = 0.01,
         max_steps: int = 500,
         batch_size_per_task: int = 4,
         num_unlabelled_per_task: Optional[int] = 128,
         data_source: str = "auto",
+        selection: str = "none",
+        selection_fraction: float = 0.25,
+        selection_metric: str = "agreement",
+        eval_every: int = 25,
+        patience: int = 4,
         teacher_batch_size: int = 64,
         seed: int = 0,
         save_outputs: bool = True,
@@ -183,8 +232,14 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
         check_choice("stats_source", self.stats_source, STATS_SOURCES)
         check_choice("feature_norm", self.feature_norm, FEATURE_NORMS)
         check_choice("output_norm", self.output_norm, OUTPUT_NORMS)
+        check_choice("scale", self.scale, SCALE_MODES)
         check_choice("loss", self.loss, DISTILLATION_LOSSES)
+        check_choice("task_weighting", self.task_weighting, TASK_WEIGHTINGS)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("data_source", self.data_source, HELD_OUT_SOURCES)
+        check_choice("selection", self.selection, SELECTION_MODES)
+        check_choice("selection_metric", self.selection_metric, SELECTION_METRICS)
+        self.stat_features = check_feature_groups(plain_list(self.stat_features))
         check_int("svd_rank", self.svd_rank, minimum=0)
         for option in (
             "svd_exact_max_numel",
@@ -193,12 +248,21 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
             "max_steps",
             "batch_size_per_task",
             "teacher_batch_size",
+            "eval_every",
+            "patience",
         ):
             check_int(option, getattr(self, option))
         check_int("num_unlabelled_per_task", self.num_unlabelled_per_task, allow_none=True)
         check_int("seed", self.seed, minimum=0)
-        for option in ("temperature", "lr", "lr_gamma"):  # finite numbers > 0
+        check_positive("lr", self.lr, allow_none=True)
+        for option in ("temperature", "lr_gamma", "init_scale", "scale_lr"):  # finite, > 0
             check_positive(option, getattr(self, option))
+        check_positive("selection_fraction", self.selection_fraction)
+        if self.selection_fraction >= 1:
+            raise ValueError(
+                f"invalid value {self.selection_fraction!r} for option `selection_fraction`: "
+                "expected a fraction in (0, 1)"
+            )
         check_bool("save_outputs", self.save_outputs)
         check_bool("overwrite", self.overwrite)
         if self.learner == "per_tensor" and self.stats_source != "task_vector":
@@ -206,6 +270,16 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
                 "option `stats_source=finetuned` is not available with `learner=per_tensor`: "
                 "the official per-tensor features are statistics of the task vectors"
             )
+
+    def optimiser_settings(self) -> OptimiserSettings:
+        """The optimiser of this run (``lr=None``: the learner mode's default learning rate)."""
+        return OptimiserSettings(
+            lr=float(self.lr if self.lr is not None else DEFAULT_LR[self.learner]),
+            schedule=self.lr_schedule,
+            step_size=self.lr_step_size,
+            gamma=self.lr_gamma,
+            scale_lr=float(self.scale_lr),
+        )
 
     # ------------------------------------------------------------------------------------------------
     def run(self, modelpool: CLIPVisionModelPool):
@@ -232,35 +306,19 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
             self.validate_task_models(tasks, base)
 
         with self.profile("load unlabelled data"):
-            images = {
-                t: held_out_images(
-                    modelpool,
-                    t,
-                    self.clip_processor,
-                    self.num_unlabelled_per_task,
-                    self.seed,
-                    self.data_source,
-                    guard=guard,
-                )
-                for t in tasks
-            }
-            data_read = {t: images[t].source for t in tasks}
-            for t in tasks:
-                if len(images[t]) < self.batch_size_per_task:
-                    raise ValueError(
-                        f"task {t!r}: {len(images[t])} unlabelled images, fewer than "
-                        f"batch_size_per_task={self.batch_size_per_task}"
-                    )
-            images = {t: self.to_device(stack_images(images[t])) for t in tasks}
+            images, data_read = self.load_images(modelpool, tasks, guard)
 
         self.setup_zero_shot_classification_head(task_names=tasks)
         base = self.to_device(base).eval()
 
         base_state = trainable_state(base)  # on the compute device now
         task_vectors, features, teacher = self.load_task_models(tasks, base_state, images)
+        train, held = self.split_for_selection(tasks, images, teacher, data_read)
         target = TaskVectorMerge(base, base_state, task_vectors)
         learner_features = self.learner_features(task_vectors, features, names)
-        coefficients, losses = self.train_learner(tasks, target, learner_features, images, teacher)
+        coefficients, losses, report = self.train_learner(
+            tasks, target, learner_features, *train, held
+        )
 
         # nothing non-finite is ever saved or evaluated
         columns = names if coefficients.shape[1] == len(names) else ["all tensors"]
@@ -277,6 +335,7 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
             "num_tensors": len(names),
             "steps": len(losses),
             "final_loss": losses[-1] if losses else None,
+            **report,
             "world_size": self.fabric.world_size,
             "rank_max_abs_diff": self.rank_max_abs_diff,
             "unlabelled_data": data_read,
@@ -313,12 +372,63 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
             check_model_weights(PRETRAINED, reference, task, reader, groups)
             del reader
 
+    def load_images(self, modelpool, tasks: List[str], guard: TestSplitGuard):
+        """Each task's unlabelled held-out images as one host tensor (batches go to the device when
+        used), and what was read (split, paths, fingerprint, rows)."""
+        needed = self.batch_size_per_task + (1 if self.selection != "none" else 0)
+        images, data_read = {}, {}
+        for t in tasks:
+            unlabelled = held_out_images(
+                modelpool,
+                t,
+                self.clip_processor,
+                self.num_unlabelled_per_task,
+                self.seed,
+                self.data_source,
+                guard=guard,
+            )
+            data_read[t] = unlabelled.source
+            if len(unlabelled) < needed:
+                raise ValueError(
+                    f"task {t!r}: {len(unlabelled)} unlabelled images, fewer than "
+                    f"batch_size_per_task={self.batch_size_per_task}"
+                    + (
+                        " plus one held out for `selection`"
+                        if needed > self.batch_size_per_task
+                        else ""
+                    )
+                )
+            images[t] = stack_images(unlabelled)
+        return images, data_read
+
+    def split_for_selection(self, tasks, images, teacher, data_read):
+        """``((train images, train teacher logits), held-out (images, logits) or None)``: with
+        ``selection``, a seeded ``selection_fraction`` of each task's images is held out for model
+        selection and never trained on."""
+        if self.selection == "none":
+            for t in tasks:
+                data_read[t]["num_training_images"] = len(images[t])
+            return (images, teacher), None
+        train_images, train_teacher, held_images, held_teacher = {}, {}, {}, {}
+        generator = torch.Generator().manual_seed(self.seed)
+        for t in tasks:
+            n = len(images[t])
+            n_held = min(n - self.batch_size_per_task, max(1, round(self.selection_fraction * n)))
+            order = torch.randperm(n, generator=generator)
+            held, kept = order[:n_held], order[n_held:]
+            train_images[t], held_images[t] = images[t][kept], images[t][held]
+            train_teacher[t] = teacher[t][kept.to(teacher[t].device)]
+            held_teacher[t] = teacher[t][held.to(teacher[t].device)]
+            data_read[t] |= {"num_training_images": len(kept), "num_selection_images": n_held}
+        return (train_images, train_teacher), (held_images, held_teacher)
+
     @torch.no_grad()
     def load_task_models(self, tasks: List[str], base_state, images):
         """Load each task model once: check it, take its task vector and statistics, label its images.
 
-        The merged tensors are the keys of ``base_state``, in order. Returns ``task_vectors`` (name -> ``[K, *shape]``), per-task statistics ``[K, L, 3 + r]`` and the
-        teacher logits of each task's unlabelled images.
+        The merged tensors are the keys of ``base_state``, in order. Returns ``task_vectors``
+        (name -> ``[K, *shape]``), per-task statistics ``[K, L, 3 + r]`` and the teacher logits of
+        each task's unlabelled images (on the compute device).
         """
         names = list(base_state)
         K, L = len(tasks), len(names)
@@ -338,7 +448,7 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
             with self.profile("teacher labels"):
                 teacher[task] = torch.cat(
                     [
-                        self.compute_logits(model, chunk, task)
+                        self.compute_logits(model, self.to_device(chunk), task)
                         for chunk in images[task].split(self.teacher_batch_size)
                     ]
                 )
@@ -361,22 +471,18 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
     def learner_features(
         self, task_vectors, features: torch.Tensor, names: List[str]
     ) -> torch.Tensor:
-        """The learner's input for the chosen granularity and learner mode."""
+        """The learner's input for the chosen granularity, learner mode, statistics and
+        normalisation (fitted over every task and tensor, applied to the rows the learner gets)."""
         if self.learner == "per_tensor":
-            if self.granularity == "layer_wise":
-                pooled = torch.stack(
-                    [pooled_tensor_statistics(list(task_vectors[n]), name=n) for n in names]
-                )
-            else:
-                K = next(iter(task_vectors.values())).shape[0]
-                whole = [
-                    torch.cat([task_vectors[n][k].reshape(-1) for n in names]) for k in range(K)
-                ]
-                pooled = pooled_tensor_statistics(whole, name="<all tensors>").unsqueeze(0)
-            return normalize_features(pooled, self.feature_norm)
-        if self.granularity == "task_wise":
-            features = pool_task_wise(features)
-        return normalize_features(features, self.feature_norm)
+            with self.profile("pooled statistics"):
+                per_tensor, whole = pooled_model_statistics([task_vectors[n] for n in names], names)
+            columns = feature_columns(self.stat_features, 0, pooled=True)
+            reference = per_tensor[:, columns]
+            rows = reference if self.granularity == "layer_wise" else whole[columns][None]
+        else:
+            reference = features[..., feature_columns(self.stat_features, self.svd_rank)]
+            rows = reference if self.granularity == "layer_wise" else pool_task_wise(reference)
+        return FeatureNormalizer(reference, self.feature_norm)(rows)
 
     def build_learner(self, num_tasks: int, learner_features: torch.Tensor) -> StatsMergeLearner:
         num_tensors = learner_features.shape[-2] if learner_features.dim() >= 2 else 1
@@ -390,18 +496,35 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
             out_bias=(
                 0.3 if (self.learner == "per_tensor" and self.granularity == "task_wise") else 0.0
             ),
+            scale=self.scale,
+            init_scale=self.init_scale,
         )
 
-    def train_learner(self, tasks, target: TaskVectorMerge, learner_features, images, teacher):
-        """Adam + StepLR on the summed per-task distillation losses (spec §3, steps E-F)."""
+    def train_learner(
+        self, tasks, target: TaskVectorMerge, learner_features, images, teacher, held
+    ):
+        """Adam on the combined per-task distillation losses (spec §3, steps E-F), with optional
+        model selection on the ``held`` (images, teacher logits). Returns the coefficients, the loss
+        of every step and what the summary reports (optimiser, objective at start and end,
+        coefficient movement, selection)."""
         torch.manual_seed(self.seed)  # the learner's initialisation is identical on every rank
         learner = self.build_learner(len(tasks), learner_features)
-        optimizer = torch.optim.Adam(learner.parameters(), lr=self.lr)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, self.lr_step_size, self.lr_gamma)
+        steps = 1 if self.is_debug_mode else self.max_steps
+        settings = self.optimiser_settings()
+        optimizer, scheduler = build_optimiser(learner, settings, steps)
         learner, optimizer = self.fabric.setup(learner, optimizer)
         learner_features = self.to_device(learner_features)
+        with torch.no_grad():
+            start_coefficients = learner(learner_features).detach().float()
+        with self.profile("objective at the start"):
+            start_losses = self.evaluate_merge(target, start_coefficients, images, teacher)["loss"]
+        start = {t: max(v, MIN_START_LOSS) for t, v in start_losses.items()}
+        selector = (
+            None if self.selection == "none" else ModelSelector(self.selection, self.patience)
+        )
+        if selector is not None:
+            self.select(selector, 0, target, start_coefficients, held, start)
         generator = torch.Generator().manual_seed(self.seed * 1000 + self.fabric.global_rank)
-        steps = 1 if self.is_debug_mode else self.max_steps
         losses: List[float] = []
         bar = tqdm(
             range(steps),
@@ -417,7 +540,7 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
                     for t in tasks
                 }
                 loss = self.distillation_step(
-                    learner, learner_features, target, images, teacher, batches
+                    learner, learner_features, target, images, teacher, batches, start=start
                 )
                 optimizer.zero_grad(set_to_none=True)
                 self.fabric.backward(loss)
@@ -429,22 +552,118 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
                 scheduler.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
-        with torch.no_grad():
-            coefficients = learner(learner_features).detach().float()
+            if selector is not None and ((step + 1) % self.eval_every == 0 or step + 1 == steps):
+                with torch.no_grad():
+                    current = learner(learner_features).detach().float()
+                if self.select(selector, step + 1, target, current, held, start):
+                    break
+        if selector is not None:
+            coefficients = selector.best_coefficients
+        else:
+            with torch.no_grad():
+                coefficients = learner(learner_features).detach().float()
         self.rank_max_abs_diff = self.check_ranks_agree(coefficients)
-        return coefficients, losses
+        with self.profile("objective at the end"):
+            end_losses = self.evaluate_merge(target, coefficients, images, teacher)["loss"]
+        report = {
+            "optimiser": {
+                "lr": settings.lr,
+                "lr_schedule": settings.schedule,
+                "lr_step_size": settings.step_size,
+                "lr_gamma": settings.gamma,
+                **({"scale_lr": settings.scale_lr} if self.scale == "learned" else {}),
+            },
+            "overall_scale": round(float(learner.overall_scale()), 6),
+            "coefficient_movement": coefficient_movement(coefficients, start_coefficients),
+            "training_loss_per_task": {
+                "start": {t: round(v, 6) for t, v in start_losses.items()},
+                "end": {t: round(v, 6) for t, v in end_losses.items()},
+            },
+            "selection": (
+                None
+                if selector is None
+                else {
+                    "mode": self.selection,
+                    "metric": self.selection_metric,
+                    "selected_step": selector.best_step,
+                    "selected_metric": round(selector.best_metric, 6),
+                    "history": selector.history,
+                }
+            ),
+        }
+        return coefficients, losses, report
+
+    def select(self, selector: ModelSelector, step, target, coefficients, held, start) -> bool:
+        """Evaluate ``coefficients`` on the held-out images; ``True`` when training should stop
+        (rank 0 decides under DDP)."""
+        with self.profile("model selection"):
+            result = self.evaluate_merge(target, coefficients, *held)
+        if self.selection_metric == "agreement":
+            metric = sum(result["agreement"].values()) / len(result["agreement"])
+        else:
+            metric = -float(
+                combine_task_losses(
+                    {t: torch.tensor(v) for t, v in result["loss"].items()},
+                    self.task_weighting,
+                    start,
+                )
+            )
+        stop = selector.update(step, metric, coefficients)
+        return bool(self.fabric.broadcast(stop, src=0))
+
+    @torch.no_grad()
+    def evaluate_merge(self, target: TaskVectorMerge, coefficients, images, teacher) -> dict:
+        """Per task, over all of ``images``: the task's training loss (as weighted by
+        ``task_weighting``, before the combination over tasks) and the agreement with its teacher.
+        """
+        merged = target.model(coefficients)
+        result = {"loss": {}, "agreement": {}}
+        for t in images:
+            logits = torch.cat(
+                [
+                    self.compute_logits(merged, self.to_device(chunk), t)
+                    for chunk in images[t].split(self.teacher_batch_size)
+                ]
+            )
+            result["loss"][t] = float(
+                task_loss(self.loss, logits, teacher[t], self.temperature, self.task_weighting)
+            )
+            result["agreement"][t] = agreement(logits, teacher[t])
+        return result
 
     def distillation_step(
-        self, learner, learner_features, target: TaskVectorMerge, images, teacher, batches
+        self,
+        learner,
+        learner_features,
+        target: TaskVectorMerge,
+        images,
+        teacher,
+        batches,
+        start: Optional[Dict[str, float]] = None,
+        one_forward: bool = True,
     ) -> torch.Tensor:
-        """One merged forward per task batch; the summed distillation loss (a graph to the learner)."""
+        """The objective on one batch per task (a graph to the learner): ONE merged forward of all
+        tasks' images (``one_forward=False``: one per task, as before), each task's head on its slice.
+        """
         merged = target.model(learner(learner_features))
-        loss = 0.0
-        for task, idx in batches.items():
-            student = self.compute_logits(merged, images[task][idx.to(images[task].device)], task)
-            target = teacher[task][idx.to(teacher[task].device)]
-            loss = loss + distillation_loss(self.loss, student, target, self.temperature)
-        return loss
+        batch = {t: self.to_device(images[t][idx]) for t, idx in batches.items()}
+        logits = task_logits(
+            lambda x: merged(x)[1],
+            lambda t, embeds: self.compute_logits(None, None, t, image_embeds=embeds),
+            batch,
+            one_forward=one_forward,
+        )
+        losses = {
+            t: task_loss(
+                self.loss,
+                logits[t],
+                teacher[t][idx.to(teacher[t].device)],
+                self.temperature,
+                self.task_weighting,
+            )
+            for t, idx in batches.items()
+        }
+        return combine_task_losses(losses, self.task_weighting, start)
 
     def check_ranks_agree(self, coefficients: torch.Tensor) -> Optional[float]:
         """Max |difference| between ranks' final coefficients (``None`` in a single process)."""
@@ -510,3 +729,12 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
 
     def config_dict(self) -> dict:
         return {key: getattr(self, key) for key in self._config_mapping if hasattr(self, key)}
+
+
+def plain_list(value):
+    """A Hydra ``ListConfig`` (or tuple) as a plain list; anything else unchanged."""
+    from omegaconf import ListConfig, OmegaConf
+
+    if isinstance(value, ListConfig):
+        return OmegaConf.to_container(value)
+    return list(value) if isinstance(value, tuple) else value
