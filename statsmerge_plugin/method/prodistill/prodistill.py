@@ -44,8 +44,11 @@ Deviations (numerically equivalent, cheaper; spec §1.4, §1.6, §5.13):
   sample in every step and masks.
 - Block weights are streamed from each checkpoint (``safetensors.safe_open``) instead of loading
   every full model. Only the current block's pretrained weights, task vectors, coefficients and
-  Adam state sit on the compute device; the dual-input cache stays in host memory (or in
-  memory-mapped files). As in the code, each finished merged block is written to (scratch) disk;
+  Adam state sit on the compute device, plus the dual-input cache when it fits there
+  (``activation_cache=auto``; the code keeps it in host memory and copies every minibatch); else
+  the cache stays in pinned host memory (or memory-mapped files) and minibatches are copied
+  without blocking. The few-shot images are processed batch by batch, never stacked.
+  As in the code, each finished merged block is written to (scratch) disk;
   the output model (the lazily loaded pretrained model) is only filled in after the last block, so
   the loop's peak memory does not grow with depth. The block module that ``functional_call`` runs
   is an empty copy on the ``meta`` device.
@@ -81,9 +84,9 @@ from torch import Tensor, nn
 from ...data import (
     HELD_OUT_SOURCES,
     TestSplitGuard,
+    UnlabelledImages,
     held_out_images,
     resolve_held_out_source,
-    stack_images,
 )
 from ...threads import configure_torch_threads
 from ...validation import (
@@ -99,7 +102,13 @@ from ...validation import (
     check_positive,
     check_same_groups,
 )
-from .activations import DualStreamCache, stack_task_ids
+from .activations import (
+    CACHE_PLACEMENTS,
+    DualStreamCache,
+    block_working_bytes,
+    cache_placement,
+    stack_task_ids,
+)
 from .block_io import WeightReader, load_pool_model, make_reader
 from .layers import (
     block_prefix,
@@ -126,7 +135,6 @@ from .reporting import (
 log = logging.getLogger(__name__)
 
 PRETRAINED = "_pretrained_"
-ACTIVATION_CACHES = ("memory", "disk")
 #: What a run writes into its log dir; an earlier run's copies are never overwritten silently.
 OUTPUT_FILES = ("prodistill_report.json", "prodistill_loss_curves.csv", "prodistill_loss_curves")
 
@@ -147,8 +155,11 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
         init_lambda: initial value of every element-wise coefficient (spec §1.2, §5.5: 0.3).
         ta_lambda: task-arithmetic scaling of the parameters outside the blocks (spec §1.1: 0.3).
         loss_reduction: ``"sum"`` (official code) or ``"mean"`` of the squared feature error.
-        activation_cache: ``"memory"`` (host RAM) or ``"disk"`` (memory-mapped files in the scratch
-            directory) for the dual-input cache.
+        activation_cache: where the dual-input cache lives: ``"auto"`` (on the GPU when it fits
+            there with a block's working set, else host memory), ``"device"`` (the compute
+            device; an error if it does not fit), ``"memory"`` (host RAM; pinned, with
+            non-blocking copies, on a GPU) or ``"disk"`` (memory-mapped files in the scratch
+            directory).
         scratch_dir: directory for the on-disk cache and for converted checkpoints of pool entries
             that cannot be streamed; a temporary directory (deleted afterwards) when ``None``.
         allow_single_task: accept a pool with a single task model (ProDistill then distils that one
@@ -176,7 +187,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
         init_lambda: float = 0.3,
         ta_lambda: float = 0.3,
         loss_reduction: str = "sum",
-        activation_cache: str = "memory",
+        activation_cache: str = "auto",
         scratch_dir: Optional[str] = None,
         allow_single_task: bool = False,
         save_loss_curves: bool = True,
@@ -204,7 +215,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
         check_finite_number("init_lambda", self.init_lambda)
         check_finite_number("ta_lambda", self.ta_lambda)
         check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
-        check_choice("activation_cache", self.activation_cache, ACTIVATION_CACHES)
+        check_choice("activation_cache", self.activation_cache, CACHE_PLACEMENTS)
         if self.scratch_dir is not None and not isinstance(self.scratch_dir, (str, Path)):
             raise ValueError(
                 f"invalid value {self.scratch_dir!r} for option `scratch_dir`: expected a path or null"
@@ -322,7 +333,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
             _, other_names = group_names(reference)
 
         with self.profile("few-shot data"):
-            pixels = self._few_shot_pixels(modelpool, tasks)
+            images = self._few_shot_images(modelpool, tasks)
 
         # --- non-block parameters: task arithmetic (spec §1.1, §1.5) --------------------------
         with self.profile("task arithmetic (non-block)"):
@@ -336,13 +347,19 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
 
         # --- stage 0: dual inputs (spec §1.3) -------------------------------------------------
         with self.profile("stage 0: embeddings"):
-            cache = self._stage0(backbone, pixels, ta_other, task_other, tasks, device, scratch)
-        del base_other, task_other, pixels
+            block_numel = sum(
+                out_params[block_prefix(0) + n].numel() for n in next(iter(ref_blocks.values()))
+            )
+            cache = self._stage0(
+                backbone, images, ta_other, task_other, device, scratch, block_numel
+            )
+            self._cache_info = {"placement": cache.placement, "mb": cache.nbytes / 2**20}
+        del base_other, task_other, images
         gc.collect()
         setup_seconds = time.perf_counter() - t0
         log.info(
             f"ProDistill: {len(cache)} samples, {len(ref_blocks)} blocks, cache "
-            f"{cache.nbytes / 2**20:.1f} MiB ({self.activation_cache}), setup {setup_seconds:.1f} s"
+            f"{cache.nbytes / 2**20:.1f} MiB ({cache.placement}), setup {setup_seconds:.1f} s"
         )
 
         # --- blocks, one at a time (spec §1.4) -------------------------------------------------
@@ -406,8 +423,9 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
         self.print_profile_summary()
         return merged_model
 
-    def _few_shot_pixels(self, modelpool, tasks: List[str]) -> List[Tensor]:
-        """Processed few-shot images of every task (spec §1.1); all counts are checked first."""
+    def _few_shot_images(self, modelpool, tasks: List[str]) -> List[UnlabelledImages]:
+        """The few-shot images of every task (spec §1.1), processed lazily (stage 0 streams them in
+        batches); all counts are checked first."""
         processor = modelpool.load_processor()
         images = [
             held_out_images(
@@ -423,38 +441,67 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
         ]  # raises, naming the task, when a split has fewer images than asked or is a test set
         self._data_info = {t: len(im) for t, im in zip(tasks, images)}
         self._data_read = {t: im.source for t, im in zip(tasks, images)}
-        return [stack_images(im, batch_size=self.batch_size) for im in images]
+        return images
 
     @torch.no_grad()
-    def _stage0(self, backbone, pixels, ta_other, task_other, tasks, device, scratch):
-        """Student stream: TA embedding stage; teacher stream: each task model's own (spec §1.3)."""
+    def _stage0(self, backbone, images, ta_other, task_other, device, scratch, block_numel):
+        """Student stream: TA embedding stage; teacher stream: each task model's own (spec §1.3).
+
+        The images are processed and embedded batch by batch (never all pixels at once); the
+        cache goes where :func:`~.activations.cache_placement` says.
+        """
         emb_names = [n for n in ta_other if n.startswith(("embeddings.", "pre_layrnorm."))]
-        counts = [len(p) for p in pixels]
+        counts = [len(im) for im in images]
         stages = {
             "embeddings": self.to_device(_copy_module(backbone.embeddings)),
             "pre_layrnorm": self.to_device(_copy_module(backbone.pre_layrnorm)),
         }
         stage = _Stage(stages)
         student_params = {n: self.to_device(ta_other[n]) for n in emb_names}
-        first = call_embedding_stage(stage, student_params, self.to_device(pixels[0][:1]))
+        first = call_embedding_stage(stage, student_params, self.to_device(images[0][0][None]))
         cache = DualStreamCache(
             sum(counts),
             first.shape[1],
             first.shape[2],
             stack_task_ids(counts),
-            on_disk=self.activation_cache == "disk",
+            placement=self._placement(
+                sum(counts), first.shape, block_numel, len(images), device, backbone.config
+            ),
+            device=device,
             directory=scratch / "activations",
         )
         offset = 0
-        for i, task in enumerate(tasks):
+        for i, task_images in enumerate(images):
             teacher_params = {n: self.to_device(task_other[i][n]) for n in emb_names}
-            idx = torch.arange(offset, offset + counts[i])
-            for chunk in DualStreamCache.chunks(idx, self.batch_size):
-                x = self.to_device(pixels[i][chunk - offset])
+            loader = torch.utils.data.DataLoader(task_images, batch_size=self.batch_size)
+            for pixels in loader:
+                chunk = torch.arange(offset, offset + len(pixels))
+                x = self.to_device(pixels)
                 cache.scatter("student", chunk, call_embedding_stage(stage, student_params, x))
                 cache.scatter("teacher", chunk, call_embedding_stage(stage, teacher_params, x))
-            offset += counts[i]
+                offset += len(pixels)
         return cache
+
+    def _placement(
+        self, num_samples: int, token_shape, block_numel: int, num_tasks: int, device, config
+    ) -> str:
+        """Resolve ``activation_cache`` for a cache of ``num_samples`` x ``token_shape[1:]``."""
+        _, seq_len, hidden = token_shape
+        working = block_working_bytes(
+            block_numel,
+            num_tasks,
+            self.batch_size,
+            seq_len,
+            hidden,
+            getattr(config, "intermediate_size", 4 * hidden),
+            getattr(config, "num_attention_heads", max(1, hidden // 64)),
+        )
+        free = None
+        if torch.device(device).type == "cuda":
+            free = torch.cuda.mem_get_info(torch.device(device))[0]
+        return cache_placement(
+            self.activation_cache, device, 2 * 4 * num_samples * seq_len * hidden, working, free
+        )
 
     def _distill_block(
         self,
@@ -490,7 +537,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
                     # teacher stream: own fine-tuned block, computed once (it does not depend on α);
                     # the result is this block's target and the next block's teacher input.
                     for chunk in cache.chunks(cache.indices_of_task(i), self.batch_size):
-                        out = call_block(template, theta, cache.gather("teacher", chunk, device))
+                        out = call_block(template, theta, cache.gather("teacher", chunk))
                         cache.scatter("teacher", chunk, out)
                     del theta
         t_loaded = time.perf_counter()
@@ -510,8 +557,8 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
             for epoch in range(epochs):
                 total = 0.0
                 for chunk in cache.shuffled_batches(self.batch_size, generator):
-                    z1 = cache.gather("student", chunk, device)
-                    target = cache.gather("teacher", chunk, device)
+                    z1 = cache.gather("student", chunk)
+                    target = cache.gather("teacher", chunk)
                     merged = merge_elementwise(base, tau, coefficients)
                     loss = block_loss(call_block(template, merged, z1), target, self.loss_reduction)
                     value = float(loss.detach())
@@ -534,8 +581,8 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
             merged = merge_elementwise(base, tau, coefficients)
             sq_error = 0.0
             for chunk in cache.chunks(torch.arange(len(cache)), self.batch_size):
-                out = call_block(template, merged, cache.gather("student", chunk, device))
-                sq_error += float(block_loss(out, cache.gather("teacher", chunk, device), "sum"))
+                out = call_block(template, merged, cache.gather("student", chunk))
+                sq_error += float(block_loss(out, cache.gather("teacher", chunk), "sum"))
                 cache.scatter("student", chunk, out)
             loss_after = sq_error / len(cache)
             merged = {n: v.detach().cpu() for n, v in merged.items()}
@@ -582,8 +629,8 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
         merged = merge_elementwise(base, tau, coefficients)
         total = 0.0
         for chunk in cache.chunks(torch.arange(len(cache)), self.batch_size):
-            out = call_block(template, merged, cache.gather("student", chunk, device))
-            total += float(block_loss(out, cache.gather("teacher", chunk, device), "sum"))
+            out = call_block(template, merged, cache.gather("student", chunk))
+            total += float(block_loss(out, cache.gather("teacher", chunk), "sum"))
         return total / len(cache)
 
     def to_device_all(self, tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
@@ -602,6 +649,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
             "few_shot_data": dict(self._data_read),
             "weight_sources": dict(self._sources),
             "options": {k: getattr(self, k) for k in self._config_mapping if not k.startswith("_")},
+            "activation_cache": dict(getattr(self, "_cache_info", {})),
             "setup_seconds": setup_seconds,
             "total_seconds": total_seconds,
             "peak_rss_mb": peak_rss_mb(),
