@@ -258,15 +258,20 @@ class ModelSelector:
         self.best_metric = -math.inf
         self.best_step = -1
         self.best_coefficients: torch.Tensor | None = None
+        self.best_info: dict = {}
         self.history: list[dict] = []
         self.since_best = 0
 
-    def update(self, step: int, metric: float, coefficients: torch.Tensor) -> bool:
-        """Record the evaluation of ``step``; returns ``True`` when training should stop."""
-        self.history.append({"step": step, "metric": round(float(metric), 6)})
+    def update(
+        self, step: int, metric: float, coefficients: torch.Tensor, **info: float
+    ) -> bool:
+        """Record the evaluation of ``step`` (and ``info``, kept with the step); returns ``True``
+        when training should stop."""
+        self.history.append({"step": step, "metric": round(float(metric), 6), **info})
         if metric > self.best_metric:
             self.best_metric, self.best_step = float(metric), step
             self.best_coefficients = coefficients.detach().clone()
+            self.best_info = dict(info)
             self.since_best = 0
         else:
             self.since_best += 1

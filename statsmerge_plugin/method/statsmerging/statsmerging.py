@@ -523,7 +523,7 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
             None if self.selection == "none" else ModelSelector(self.selection, self.patience)
         )
         if selector is not None:
-            self.select(selector, 0, target, start_coefficients, held, start)
+            self.select(selector, 0, target, start_coefficients, held, start, learner)
         generator = torch.Generator().manual_seed(self.seed * 1000 + self.fabric.global_rank)
         losses: List[float] = []
         bar = tqdm(
@@ -555,13 +555,14 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
             if selector is not None and ((step + 1) % self.eval_every == 0 or step + 1 == steps):
                 with torch.no_grad():
                     current = learner(learner_features).detach().float()
-                if self.select(selector, step + 1, target, current, held, start):
+                if self.select(selector, step + 1, target, current, held, start, learner):
                     break
         if selector is not None:
-            coefficients = selector.best_coefficients
+            coefficients, scale = selector.best_coefficients, selector.best_info["overall_scale"]
         else:
             with torch.no_grad():
                 coefficients = learner(learner_features).detach().float()
+            scale = round(float(learner.overall_scale()), 6)
         self.rank_max_abs_diff = self.check_ranks_agree(coefficients)
         with self.profile("objective at the end"):
             end_losses = self.evaluate_merge(target, coefficients, images, teacher)["loss"]
@@ -573,7 +574,7 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
                 "lr_gamma": settings.gamma,
                 **({"scale_lr": settings.scale_lr} if self.scale == "learned" else {}),
             },
-            "overall_scale": round(float(learner.overall_scale()), 6),
+            "overall_scale": scale,
             "coefficient_movement": coefficient_movement(coefficients, start_coefficients),
             "training_loss_per_task": {
                 "start": {t: round(v, 6) for t, v in start_losses.items()},
@@ -593,9 +594,11 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
         }
         return coefficients, losses, report
 
-    def select(self, selector: ModelSelector, step, target, coefficients, held, start) -> bool:
-        """Evaluate ``coefficients`` on the held-out images; ``True`` when training should stop
-        (rank 0 decides under DDP)."""
+    def select(
+        self, selector: ModelSelector, step, target, coefficients, held, start, learner
+    ) -> bool:
+        """Evaluate ``coefficients`` (of ``learner`` now) on the held-out images; ``True`` when
+        training should stop (rank 0 decides under DDP)."""
         with self.profile("model selection"):
             result = self.evaluate_merge(target, coefficients, *held)
         if self.selection_metric == "agreement":
@@ -608,7 +611,8 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
                     start,
                 )
             )
-        stop = selector.update(step, metric, coefficients)
+        scale = round(float(learner.overall_scale()), 6)
+        stop = selector.update(step, metric, coefficients, overall_scale=scale)
         return bool(self.fabric.broadcast(stop, src=0))
 
     @torch.no_grad()
