@@ -43,11 +43,22 @@ from statsmerge_plugin.method.statsmerging.hetero.cache import (
     save_student,
     student_cache_key,
 )
-from statsmerge_plugin.method.statsmerging.hetero.distill import DistillOptions, batch_indices
+from statsmerge_plugin.method.statsmerging.hetero.distill import (
+    DistillOptions,
+    batch_indices,
+    distill,
+)
 from statsmerge_plugin.method.statsmerging.hetero.losses import label_free_loss, supervised_loss
+from statsmerge_plugin.method.statsmerging.hetero.stream import (
+    PairedViews,
+    TeacherMemo,
+    images_digest,
+)
 from statsmerge_plugin.method.statsmerging.hetero.teachers import (
     build_teacher,
+    check_label_order,
     clip_head_logits,
+    head_class_names,
     parameter_shapes,
     pixel_values,
     same_architecture,
@@ -66,10 +77,12 @@ TEACHERS = {"eurosat": "resnet", "svhn": "clip"}
 FAST = dict(max_steps=3, batch_size=8, evaluate_test=False)
 
 
-def resnet_teacher(path: Path, num_labels: int = 10, seed: int = 1) -> Path:
+def resnet_teacher(path: Path, num_labels: int = 10, seed: int = 1, classnames=None) -> Path:
+    """A tiny ResNet classifier teacher; ``classnames`` become its ``id2label`` (in that order)."""
     from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
 
     torch.manual_seed(seed)
+    names = {} if classnames is None else {"id2label": dict(enumerate(classnames))}
     config = ResNetConfig(
         num_channels=3,
         embedding_size=8,
@@ -77,6 +90,7 @@ def resnet_teacher(path: Path, num_labels: int = 10, seed: int = 1) -> Path:
         depths=[1, 1],
         layer_type="basic",
         num_labels=num_labels,
+        **names,
     )
     ResNetForImageClassification(config).save_pretrained(path)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
@@ -284,6 +298,124 @@ def test_teacher_heads_and_logit_functions(mixed, tiny_pool):
     )
 
 
+def test_classifier_teacher_label_order_is_checked(mixed, tmp_path):
+    from fusion_bench.tasks.clip_classification import get_classnames_and_templates
+    from transformers import AutoModelForImageClassification
+
+    cn, tpl = get_classnames_and_templates("eurosat")
+    cn = list(cn)
+    # names compare without case, "_" or "-"; names that are not the task's cannot be checked
+    assert check_label_order("eurosat", [c.upper().replace(" ", "_") for c in cn], cn) == []
+    assert check_label_order("eurosat", ["AnnualCrop"] + cn[1:], cn) == ["AnnualCrop"]
+    with pytest.raises(ValueError, match=r"output 0 is .*, which is class 1 of task 'eurosat'"):
+        check_label_order("eurosat", [cn[1], cn[0], *cn[2:]], cn)
+    with pytest.raises(ValueError, match=r"output 9 is .*class 0 of task"):
+        check_label_order("eurosat", ["x"] * 9 + [cn[0]], cn)
+    # from the teacher's config, through build_teacher
+    swapped = resnet_teacher(tmp_path / "swapped", classnames=[cn[1], cn[0], *cn[2:]])
+    with pytest.raises(ValueError, match="another order"):
+        build_teacher("eurosat", AutoModelForImageClassification.from_pretrained(swapped), cn, tpl)
+    ordered = AutoModelForImageClassification.from_pretrained(
+        resnet_teacher(tmp_path / "ordered", classnames=cn)
+    )
+    assert head_class_names(ordered) == cn
+    assert build_teacher("eurosat", ordered, cn, tpl).num_classes == len(cn)
+    # transformers' placeholder names (LABEL_0, ...) say nothing about the order
+    placeholder = AutoModelForImageClassification.from_pretrained(mixed["teachers"]["eurosat"])
+    assert head_class_names(placeholder) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# the data path at CI-small shapes (issue 10): a split is streamed one batch at a time and the
+# teacher labels only the images the steps use
+
+
+class RecordingRows(torch.utils.data.Dataset):
+    """A real train split whose row reads are recorded (when the loop reads what)."""
+
+    def __init__(self, dataset):
+        self.dataset, self.reads = dataset, []
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        self.reads.append(int(i))
+        return self.dataset[i]
+
+
+@pytest.mark.parametrize("steps, batch", [(3, 4), (6, 4)])
+def test_training_images_stream_one_batch_at_a_time_and_only_used_ones_are_labelled(
+    mixed, steps, batch
+):
+    from transformers import CLIPProcessor, CLIPVisionModel
+
+    train = RecordingRows(load_from_disk(str(mixed["data"][("mnist", "train")])))  # 16 images
+    processor = CLIPProcessor.from_pretrained(mixed["pretrained"])
+    views = PairedViews(train, processor, processor, list(range(len(train))))
+    student = CLIPVisionModel.from_pretrained(mixed["pretrained"])
+    teacher = CLIPVisionModel.from_pretrained(mixed["models"]["mnist"]).eval()
+    head = torch.randn(32, 10, generator=torch.Generator().manual_seed(0))
+    labelled, rows_read_by_step = [], []
+
+    def teacher_logits(pixels):
+        labelled.append(len(pixels))
+        return teacher(pixels)[1] @ head
+
+    def student_logits(model, pixels):
+        rows_read_by_step.append(len(set(train.reads)))
+        return model(pixels)[1] @ head
+
+    run = distill(
+        student, student_logits, teacher_logits, views, DistillOptions(max_steps=steps,
+        batch_size=batch), progress=False
+    )
+    assert len(run.losses) == len(run.step_seconds) == steps
+    # when step k runs, the split has been read no further than its first k + 1 batches
+    assert rows_read_by_step[0] == batch
+    assert all(n <= (k + 1) * batch for k, n in enumerate(rows_read_by_step))
+    # the teacher labelled each used image once: 3 x 4 of 16 images; 6 x 4 draws of 16 images
+    assert run.images_used == min(len(train), steps * batch)
+    assert sum(labelled) == run.teacher_labelled == run.images_used < max(len(train) + 1, steps * batch)
+
+
+def test_teacher_memo_labels_each_position_once():
+    calls = []
+    memo = TeacherMemo(lambda px: calls.append(len(px)) or px.sum(dim=1, keepdim=True))
+    px = torch.arange(8.0).view(4, 2)
+    first = memo.targets(torch.tensor([3, 1, 3, 0]), px)  # position 3 twice in one batch
+    assert calls == [3] and first[:, 0].tolist() == [1.0, 5.0, 1.0, 13.0]
+    again = memo.targets(torch.tensor([1, 2]), px[:2] + 100)
+    assert calls == [3, 1] and again[0].item() == 5.0 and again[1].item() == 205.0
+
+
+def test_images_digest_is_the_used_images_in_order_never_the_labels(mixed):
+    from datasets import Image as ImageFeature
+
+    ds = load_from_disk(str(mixed["data"][("mnist", "train")]))
+    wrong = ds.map(lambda ex: {"label": (ex["label"] + 1) % 10})
+    digest = images_digest(ds, [0, 1, 2])
+    assert digest == images_digest(wrong, [0, 1, 2])
+    assert digest not in (images_digest(ds, [1, 0, 2]), images_digest(ds, [0, 1, 3]))
+    # through a torch Subset, and from decoded pixels when images are not an encoded column
+    assert images_digest(torch.utils.data.Subset(ds, [2, 1, 0]), [2, 1, 0]) == digest
+    decoded = ds.cast_column("image", ImageFeature(decode=True)).with_format(None)
+    plain = [(decoded[i]["image"], 0) for i in range(3)]
+    assert images_digest(plain, [0, 1]) == images_digest(plain, [0, 1])
+    assert images_digest(plain, [0, 1]) != images_digest(plain, [1, 0])
+
+
+def test_distill_to_base_records_what_it_read_and_labelled(mixed, tmp_path):
+    alg = DistillToBaseForCLIP(
+        cache_dir=str(tmp_path / "cache"), max_steps=1, batch_size=8, evaluate_test=False
+    )
+    _, report = alg.distill_pool(make_pool(mixed_config(mixed)))
+    for task, r in report["teachers"].items():
+        assert (r["num_train_images"], r["images_used"], r["teacher_labelled"]) == (16, 8, 8)
+        assert r["train_data"]["paths"] == [str(Path(mixed["data"][(task, "train")]).resolve())]
+        assert len(r["step_seconds"]) == 1
+
+
 # ------------------------------------------------------------------------------------------------
 # distillation through the FusionBench method
 
@@ -410,6 +542,7 @@ def test_distill_to_base_writes_students_pool_yaml_and_report(mixed, tmp_path):
         ("headless_clip", "teacher 'svhn' .*no usable head"),
         ("class_count", "teacher 'eurosat': its head has 7 classes but task 'eurosat' has 10"),
         ("no_processor", "teacher 'eurosat' .*processor"),
+        ("label_order", "teacher 'eurosat': its head's output 0 is .* another order"),
     ],
 )
 def test_bad_input_fails_before_any_work(mixed, tmp_path, case, match):
@@ -427,6 +560,12 @@ def test_bad_input_fails_before_any_work(mixed, tmp_path, case, match):
         cfg["models"]["eurosat"] = teacher_entry(
             "resnet", resnet_teacher(tmp_path / "rn7", num_labels=7)
         )
+    elif case == "label_order":  # the task's classes, first two swapped
+        from fusion_bench.tasks.clip_classification import get_classnames
+
+        names = list(get_classnames("eurosat"))
+        path = resnet_teacher(tmp_path / "rn_swapped", classnames=[names[1], names[0], *names[2:]])
+        cfg["models"]["eurosat"] = teacher_entry("resnet", path)
     elif case == "no_processor":
         path = tmp_path / "rn_no_proc"
         shutil.copytree(mixed["teachers"]["eurosat"], path)
@@ -438,8 +577,92 @@ def test_bad_input_fails_before_any_work(mixed, tmp_path, case, match):
     assert not cache.exists() or not any(cache.iterdir())  # nothing was distilled
 
 
+def test_output_dir_is_checked_before_any_work(mixed, tmp_path):
+    pool, cache = make_pool(mixed_config(mixed)), tmp_path / "cache"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="`output_dir` .*a_file' is an existing file"):
+        DistillToBaseForCLIP(cache_dir=str(cache), output_dir=str(a_file), **FAST).run(pool)
+    earlier = tmp_path / "earlier"
+    (earlier / "modelpool").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"already holds an earlier run's outputs \(\['modelpool'\]\)"):
+        DistillToBaseForCLIP(cache_dir=str(cache), output_dir=str(earlier), **FAST).run(pool)
+    assert not cache.exists()  # nothing was distilled
+    again = DistillToBaseForCLIP(
+        cache_dir=str(cache), output_dir=str(earlier), overwrite=True, **FAST
+    )
+    assert again.run(pool) is None and (earlier / "modelpool" / "distilled.yaml").is_file()
+
+
 # ------------------------------------------------------------------------------------------------
 # CLI
+
+
+@pytest.mark.parametrize("how", ["its path", "a saved copy"])
+def test_cli_distill_to_base_refuses_a_train_split_that_is_a_task_pool_test_set(mixed, tmp_path, how):
+    """The model pool has no test sets (as FusionBench's often do); the task pool's test set of
+    ``eurosat`` is the teacher's train split, by path or as a re-saved copy (same fingerprint)."""
+    models = mixed_config(mixed)["models"]
+    config_dir = write_tiny_configs(mixed, tmp_path / "cfg", pool_overrides={"models": models})
+    pool = yaml.safe_load((config_dir / "modelpool" / "tiny.yaml").read_text())
+    del pool["test_datasets"]
+    train = mixed["data"][("eurosat", "train")]
+    if how == "a saved copy":
+        load_from_disk(str(train)).save_to_disk(str(tmp_path / "copy"))
+        pool["train_datasets"]["eurosat"]["dataset_path"] = str(tmp_path / "copy")
+    (config_dir / "modelpool" / "tiny.yaml").write_text(yaml.safe_dump(pool))
+    taskpool = yaml.safe_load((config_dir / "taskpool" / "tiny.yaml").read_text())
+    taskpool["test_datasets"]["eurosat"]["dataset_path"] = str(train)
+    (config_dir / "taskpool" / "tiny.yaml").write_text(yaml.safe_dump(taskpool))
+    cache = tmp_path / "cache"
+    proc = run_fusion_bench(
+        [
+            "--config-dir",
+            str(config_dir),
+            "method=statsmerging/distill_to_base",
+            "modelpool=tiny",
+            "taskpool=tiny",
+            f"method.cache_dir={cache}",
+            f"method.output_dir={tmp_path / 'out'}",
+            "method.batch_size=8",
+            "fabric.accelerator=cpu",
+            "print_config=false",
+        ],
+        cwd=tmp_path,
+        log_dir=tmp_path / "run",
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "task 'eurosat': its 'train' dataset" in proc.stderr + proc.stdout
+    assert "the test set of task 'eurosat' in the task pool" in proc.stderr + proc.stdout
+    assert not cache.exists() or not any(cache.iterdir())  # nothing was distilled
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_hetero_run_into_an_earlier_log_dir_stops_before_any_work(mixed, tmp_path):
+    models = mixed_config(mixed)["models"]
+    config_dir = write_tiny_configs(mixed, tmp_path / "cfg", pool_overrides={"models": models})
+    log_dir = tmp_path / "run"
+    log_dir.mkdir()
+    (log_dir / "config.yaml").write_text("earlier: run\n")
+    cache = tmp_path / "cache"
+    proc = run_fusion_bench(
+        [
+            "--config-dir",
+            str(config_dir),
+            "method=statsmerging/clip_layer_wise_hetero",
+            "modelpool=tiny",
+            "taskpool=tiny",
+            f"method.distillation.cache_dir={cache}",
+            "fabric.accelerator=cpu",
+            "print_config=false",
+        ],
+        cwd=tmp_path,
+        log_dir=log_dir,
+        check=False,
+    )
+    assert proc.returncode == 1 and "already holds the outputs of an earlier run" in proc.stderr
+    assert (log_dir / "config.yaml").read_text() == "earlier: run\n" and not cache.exists()
 
 
 def test_cli_hetero_statsmerging_on_a_tiny_mixed_pool(mixed, tmp_path):
