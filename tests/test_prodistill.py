@@ -25,6 +25,14 @@ from transformers import CLIPVisionModel
 
 from statsmerge_plugin.data import held_out_images, stack_images
 from statsmerge_plugin.method.prodistill import ProDistillForCLIP
+from statsmerge_plugin.method.prodistill.activations import (
+    DualStreamCache,
+    _StagingRing,
+    block_working_bytes,
+    cache_placement,
+    stack_task_ids,
+    staged_gather,
+)
 from statsmerge_plugin.method.prodistill.merge import (
     block_loss,
     init_coefficients,
@@ -142,6 +150,8 @@ def test_block_losses_decrease_and_test_split_is_never_read(tiny, tmp_path):
         curve = [r["loss"] for r in alg.loss_curves.of_block(record["block"])]
         assert sum(curve[-3:]) < sum(curve[:3])
     assert alg.report["few_shot_images"] == {"mnist": 12, "eurosat": 12}
+    # on a CPU the cache is host memory: 24 samples x 17 tokens x 32 floats, two streams
+    assert alg.report["activation_cache"] == {"placement": "memory", "mb": 2 * 24 * 17 * 32 * 4 / 2**20}
     # what was read: each task's val split (real path, fingerprint), never a test set
     read = alg.report["few_shot_data"]["eurosat"]
     assert read["split"] == "val" and read["num_images"] == 12 and read["fingerprint"]
@@ -241,6 +251,64 @@ def test_reading_paths_and_disk_cache_give_the_same_merge(tiny, tmp_path):
     assert not any(scratch.rglob("*.safetensors")) and not any(scratch.rglob("*.bin"))  # cleaned
     for (n, a), (_, b) in zip(ref.named_parameters(), other.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+# ------------------------------------------------------------------------------------------------
+# where the activation cache lives (issue 10)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cache_placement_keeps_the_cache_on_a_gpu_only_when_it_fits():
+    GiB = 2**30
+    place = cache_placement
+    assert place("auto", "cpu", 10 * GiB, GiB, None) == "memory"  # the host is the device
+    assert place("device", "cpu", 10 * GiB, GiB, None) == "memory"
+    assert place("auto", "cuda:0", GiB, GiB, 8 * GiB) == "device"
+    assert place("auto", "cuda:0", 6 * GiB, 2 * GiB, 8 * GiB) == "memory"  # 8 > 0.9 x 8
+    assert place("memory", "cuda:0", GiB, GiB, 80 * GiB) == "memory"
+    assert place("disk", "cuda:0", GiB, GiB, 80 * GiB) == "disk"
+    assert place("disk", "cpu", GiB, GiB, None) == "disk"
+    with pytest.raises(ValueError, match=r"`activation_cache=device`: the cache \(6.00 GiB\)"):
+        place("device", "cuda:0", 6 * GiB, 2 * GiB, 8 * GiB)
+    with pytest.raises(ValueError, match="activation_cache"):
+        place("gpu", "cpu", GiB, GiB, None)
+
+
+def test_block_working_set_estimate():
+    # ViT-B/32 block (7,087,872 parameters), 8 tasks, batches of 128 x 50 tokens
+    weights = (3 + 5 * 8) * 7_087_872
+    activations = 128 * 50 * (16 * 768 + 4 * 3072) + 3 * 128 * 12 * 50**2
+    assert block_working_bytes(7_087_872, 8, 128, 50, 768, 3072, 12) == 4 * (weights + activations)
+    assert 1.3e9 < 4 * (weights + activations) < 2e9  # spec §4: "< 2 GB" on the device
+
+
+def test_staged_gather_rotates_two_buffers_and_never_hands_one_out():
+    source = torch.arange(60.0).view(10, 3, 2)
+    ring = _StagingRing(pin=False)
+    a = staged_gather(source, torch.tensor([4, 1]), ring, "cpu")
+    b = staged_gather(source, torch.tensor([0, 9, 3]), ring, "cpu")
+    torch.testing.assert_close(a, source[[4, 1]])
+    torch.testing.assert_close(b, source[[0, 9, 3]])
+    first, second = ring.buffers
+    assert first.shape[0] == 2 and second.shape[0] == 3  # one buffer per gather, in turn
+    c = staged_gather(source, torch.tensor([7, 8]), ring, "cpu")  # reuses the first buffer
+    assert ring.buffers[0] is first and torch.equal(c, source[[7, 8]])
+    torch.testing.assert_close(a, source[[4, 1]])  # what was handed out is not the buffer
+    d = staged_gather(source, torch.tensor([2, 5, 6, 1]), ring, "cpu")  # grows the second one
+    assert ring.buffers[1].shape[0] == 4 and torch.equal(d, source[[2, 5, 6, 1]])
+
+
+def test_dual_stream_cache_round_trip_on_every_placement(tmp_path):
+    ids = stack_task_ids([3, 2])
+    values = torch.randn(5, 4, 6)
+    for placement in ("device", "memory", "disk"):
+        cache = DualStreamCache(5, 4, 6, ids, placement, "cpu", tmp_path / placement)
+        cache.scatter("student", torch.tensor([4, 0, 2, 1, 3]), values)
+        assert not cache.staged and cache.nbytes == 2 * 5 * 4 * 6 * 4
+        torch.testing.assert_close(cache.gather("student", torch.tensor([0, 4])), values[[1, 0]])
+        assert torch.equal(cache.indices_of_task(1), torch.tensor([3, 4]))
+        cache.close()
+    assert not any((tmp_path / "disk").iterdir())  # backing files deleted
 
 
 # ------------------------------------------------------------------------------------------------
