@@ -53,7 +53,11 @@ def paper_options() -> dict:
     """The keys ``method=statsmerging/paper`` sets (read from its YAML: one source)."""
     from importlib.resources import files
 
-    cfg = yaml.safe_load((files("statsmerge_plugin.config") / PAPER_YAML).read_text())
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(
+        OmegaConf.create((files("statsmerge_plugin.config") / PAPER_YAML).read_text())
+    )
     return {k: v for k, v in cfg.items() if k not in ("defaults", "_target_")}
 
 
@@ -399,7 +403,14 @@ def markdown(rows: List[dict], runs: List[Run], settings: dict, header: str, com
 
 
 def parse_value(text: str):
-    return yaml.safe_load(text)
+    """A ``--set`` value as Hydra would read it (``1e-3`` is a number, YAML 1.1 says a string)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -57,12 +57,7 @@ def test_run_writes_outputs_and_returns_the_merge_of_its_coefficients(
     coef, names, tasks = saved["coefficients"], saved["tensor_names"], saved["tasks"]
     assert tasks == ["mnist", "eurosat"] and coef.shape == (2, len(names))
     torch.testing.assert_close(coef.sum(0), torch.ones(len(names)))
-    base = tiny_pool.load_pretrained_model()
-    fts = [tiny_pool.load_model(t) for t in tasks]
-    for l, name in enumerate(names):
-        b = base.get_parameter(name)
-        want = b + sum(coef[k, l] * (ft.get_parameter(name) - b) for k, ft in enumerate(fts))
-        torch.testing.assert_close(merged.get_parameter(name), want, atol=1e-6, rtol=1e-5)
+    assert_is_the_merge_of(merged, tiny_pool, coef, names)
     rows = list(csv.reader(open(out / "coefficients.csv")))
     assert rows[0] == ["task", *names] and [r[0] for r in rows[1:]] == tasks
     stats_rows = list(csv.reader(open(out / "statistics.csv")))
@@ -87,6 +82,16 @@ def test_run_writes_outputs_and_returns_the_merge_of_its_coefficients(
     assert read["split"] == "val" and read["num_images"] == 8 and read["num_rows"] == 16
     assert read["paths"] == [str(Path(val).resolve())]
     assert read["fingerprint"] == load_from_disk(str(val))._fingerprint
+
+
+def assert_is_the_merge_of(merged, pool, coef, names):
+    """``merged`` is theta_0 + sum_k coef[k, l] tau_k for every tensor ``names[l]``."""
+    base = pool.load_pretrained_model()
+    fts = [pool.load_model(t) for t in pool.model_names]
+    for l, name in enumerate(names):
+        b = base.get_parameter(name)
+        want = b + sum(coef[k, l] * (ft.get_parameter(name) - b) for k, ft in enumerate(fts))
+        torch.testing.assert_close(merged.get_parameter(name), want, atol=1e-6, rtol=1e-5)
 
 
 def test_outputs_are_never_overwritten(tiny_pool, tmp_path):
@@ -226,6 +231,22 @@ def without(d: dict, key: str) -> dict:
         ("svd_rank", 1.5),
         ("seed", -1),
         ("overwrite", "yes"),
+        ("feature_norm", "robust"),
+        ("scale", "both"),
+        ("init_scale", 0.0),
+        ("init_scale", float("nan")),
+        ("scale_lr", -0.1),
+        ("lr", 0.0),
+        ("lr_schedule", "linear"),
+        ("task_weighting", "max"),
+        ("selection", "last"),
+        ("selection_fraction", 1.0),
+        ("selection_fraction", 0.0),
+        ("selection_metric", "accuracy"),
+        ("eval_every", 0),
+        ("patience", 0),
+        ("stat_features", ["mean", "kurtosis"]),
+        ("stat_features", []),
     ],
 )
 def test_invalid_options_name_the_option(option, value):
@@ -364,3 +385,151 @@ def test_unreadable_checkpoint_names_model_and_file(tiny_clip, tmp_path, model, 
     cfg["models"][model] = str(copy)
     with pytest.raises(ValueError, match=f"model '{model}'.*{weights}"):
         fast().run(make_pool(cfg))
+
+
+# ---------------------------------------------------------------------------------------------------
+# issue 9: one forward per step, a control that moves, the objective's options, model selection
+
+
+def test_one_merged_forward_gives_the_loss_and_gradients_of_one_forward_per_task(tiny_pool):
+    alg, tasks, target, images, feats, teacher = prepared(tiny_pool)
+    features = alg.learner_features(target.task_vectors, feats, target.names)
+    batches = {t: torch.tensor([3, 0, 5, 1]) for t in tasks}
+    results = []
+    for one_forward in (True, False):
+        torch.manual_seed(0)
+        learner = alg.build_learner(len(tasks), features)
+        loss = alg.distillation_step(
+            learner, features, target, images, teacher, batches, one_forward=one_forward
+        )
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in learner.parameters()]))
+    (loss1, grads1), (loss2, grads2) = results
+    torch.testing.assert_close(loss1, loss2, rtol=1e-5, atol=1e-6)
+    for g1, g2 in zip(grads1, grads2):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in grads1)
+
+
+def summary_and_coefficients(log_dir: Path):
+    out = log_dir / "statsmerging"
+    return read_json(out / "summary.json"), torch.load(out / "coefficients.pt")["coefficients"]
+
+
+@pytest.mark.parametrize("lr, moves", [(None, True), (1e-3, False)])
+def test_free_control_moves_with_its_default_learning_rate(tiny_pool, tmp_path, lr, moves):
+    alg = with_log_dir(fast(learner="free", lr=lr, max_steps=5), tmp_path)
+    alg.run(tiny_pool)
+    summary, coef = summary_and_coefficients(tmp_path)
+    moved = summary["coefficient_movement"]
+    assert moved["max_abs_from_uniform"] == pytest.approx(float((coef - 0.5).abs().max()), abs=1e-6)
+    assert moved["max_abs_from_start"] == pytest.approx(moved["max_abs_from_uniform"], abs=1e-6)
+    assert summary["optimiser"]["lr"] == (0.05 if lr is None else lr)
+    assert (moved["max_abs_from_uniform"] > 0.05) is moves  # 5 Adam steps at 5e-2 vs at 1e-3
+
+
+def test_relative_weighting_starts_at_one_per_task(tiny_pool, tmp_path):
+    """Each task's loss is divided by its value at the start on all its training images: with a batch
+    that is all of them, the first step's objective is the number of tasks."""
+    alg = with_log_dir(
+        fast(task_weighting="relative", batch_size_per_task=8, max_steps=2), tmp_path
+    )
+    alg.run(tiny_pool)
+    summary = read_json(tmp_path / "statsmerging" / "summary.json")
+    losses = [
+        float(r[1]) for r in list(csv.reader(open(tmp_path / "statsmerging" / "loss.csv")))[1:]
+    ]
+    assert losses[0] == pytest.approx(2.0, rel=1e-4)
+    start = summary["training_loss_per_task"]["start"]
+    assert set(start) == {"mnist", "eurosat"} and all(v > 0 for v in start.values())
+
+
+def test_confidence_weighting_lowers_the_objective(tiny_pool, tmp_path):
+    alg = with_log_dir(fast(max_steps=1), tmp_path / "sum")
+    alg.run(tiny_pool)
+    plain = read_json(tmp_path / "sum" / "statsmerging" / "summary.json")
+    alg = with_log_dir(fast(max_steps=1, task_weighting="confidence"), tmp_path / "conf")
+    alg.run(tiny_pool)
+    weighted = read_json(tmp_path / "conf" / "statsmerging" / "summary.json")
+    for task, loss in plain["training_loss_per_task"]["start"].items():
+        assert 0 < weighted["training_loss_per_task"]["start"][task] < loss
+
+
+def test_selection_images_are_held_out_of_training():
+    alg = fast(selection="best", selection_fraction=0.25)
+    images = {"a": torch.arange(12.0)[:, None], "b": torch.arange(100.0, 108.0)[:, None]}
+    teacher = {t: x.clone() for t, x in images.items()}
+    read = {"a": {}, "b": {}}
+    (train, train_teacher), (held, held_teacher) = alg.split_for_selection(
+        ["a", "b"], images, teacher, read
+    )
+    for t in images:
+        kept, out = set(train[t].flatten().tolist()), set(held[t].flatten().tolist())
+        assert not kept & out and kept | out == set(images[t].flatten().tolist())
+        torch.testing.assert_close(train_teacher[t], train[t])  # labels follow their images
+        torch.testing.assert_close(held_teacher[t], held[t])
+    assert read["a"] == {"num_training_images": 9, "num_selection_images": 3}
+    assert read["b"] == {"num_training_images": 6, "num_selection_images": 2}
+
+
+@pytest.mark.parametrize("selection", ["best", "early_stop"])
+def test_model_selection_returns_the_best_evaluated_step(tiny_pool, tmp_path, selection):
+    alg = with_log_dir(
+        fast(
+            selection=selection,
+            eval_every=1,
+            patience=1,
+            max_steps=6,
+            learner="free",
+            # loss improves at every step here; agreement on two images mostly ties (no improvement)
+            selection_metric="loss" if selection == "best" else "agreement",
+        ),
+        tmp_path,
+    )
+    merged = alg.run(tiny_pool)
+    summary, coef = summary_and_coefficients(tmp_path)
+    chosen = summary["selection"]
+    metrics = [h["metric"] for h in chosen["history"]]
+    assert chosen["history"][0]["step"] == 0  # the start is a candidate: never worse than it
+    assert chosen["selected_metric"] == max(metrics) >= metrics[0]
+    assert chosen["selected_step"] == chosen["history"][metrics.index(max(metrics))]["step"]
+    assert summary["unlabelled_data"]["mnist"]["num_selection_images"] == 2
+    assert summary["unlabelled_data"]["mnist"]["num_training_images"] == 6
+    if selection == "early_stop":  # stopped at the first evaluation that did not improve
+        assert summary["steps"] == chosen["history"][-1]["step"]
+        assert summary["steps"] < 6 and metrics[-1] <= max(metrics[:-1])
+    # the returned model is the merge of the selected coefficients
+    names = torch.load(tmp_path / "statsmerging" / "coefficients.pt")["tensor_names"]
+    assert_is_the_merge_of(merged, tiny_pool, coef, names)
+
+
+@pytest.mark.parametrize("granularity", ["layer_wise", "task_wise"])
+@pytest.mark.parametrize("learner", ["shared", "per_tensor"])
+@pytest.mark.parametrize("norm", ["standardize", "log_standardize"])
+def test_feature_normalisation_works_for_every_granularity(tiny_pool, granularity, learner, norm):
+    alg, tasks, target, images, feats, teacher = prepared(tiny_pool)
+    alg.granularity, alg.learner, alg.feature_norm = granularity, learner, norm
+    features = alg.learner_features(target.task_vectors, feats, target.names)
+    assert torch.isfinite(features).all()
+    assert features.abs().sum() > 0  # a single task-wise row used to standardise to all zeros
+    rows = 1 if granularity == "task_wise" else len(target.names)
+    assert features.shape[-2] == rows
+    if learner == "shared" and granularity == "task_wise":  # the tasks stay distinguishable
+        assert (features[0] - features[1]).abs().max() > 1e-3
+
+
+def test_stat_features_choose_the_learners_inputs(tiny_pool):
+    alg, tasks, target, images, feats, teacher = prepared(tiny_pool)
+    alg.stat_features = ["mean", "l2_norm"]
+    shared = alg.learner_features(target.task_vectors, feats, target.names)
+    torch.testing.assert_close(shared, feats[..., [0, 2]])
+    alg.learner = "per_tensor"
+    assert alg.learner_features(target.task_vectors, feats, target.names).shape[-1] == 2
+
+
+def test_learned_scale_is_reported(tiny_pool, tmp_path):
+    alg = with_log_dir(fast(scale="learned", init_scale=1.5, scale_lr=0.1), tmp_path)
+    alg.run(tiny_pool)
+    summary, coef = summary_and_coefficients(tmp_path)
+    assert summary["overall_scale"] != 1.5 and summary["optimiser"]["scale_lr"] == 0.1
+    torch.testing.assert_close(coef.sum(0), torch.full((coef.shape[1],), summary["overall_scale"]))

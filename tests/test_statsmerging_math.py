@@ -5,13 +5,32 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from statsmerge_plugin.method.statsmerging.distillation import distillation_loss
-from statsmerge_plugin.method.statsmerging.learner import StatsMergeLearner
+from statsmerge_plugin.method.statsmerging.distillation import (
+    combine_task_losses,
+    distillation_loss,
+    per_image_distillation_loss,
+    task_logits,
+    task_loss,
+    teacher_confidence,
+)
+from statsmerge_plugin.method.statsmerging.learner import (
+    DEFAULT_LR,
+    LEARNER_MODES,
+    ModelSelector,
+    OptimiserSettings,
+    StatsMergeLearner,
+    build_optimiser,
+    coefficient_movement,
+)
 from statsmerge_plugin.method.statsmerging.merge import functional_model, merge_state, merge_tensor
 from statsmerge_plugin.method.statsmerging.statistics import (
+    FeatureNormalizer,
+    PooledStatistics,
     as_matrix,
+    feature_columns,
     normalize_features,
     pool_task_wise,
+    pooled_model_statistics,
     pooled_tensor_statistics,
     tensor_statistics,
     top_singular_values,
@@ -63,8 +82,10 @@ def test_feature_normalisations():
     torch.testing.assert_close(std.mean(0), torch.zeros(5), atol=1e-5, rtol=0)
     torch.testing.assert_close(std.std(0, unbiased=False), torch.ones(5), atol=1e-4, rtol=0)
     torch.testing.assert_close(normalize_features(feats, "log_abs"), torch.log(feats.abs() + 1e-12))
+    log_std = normalize_features(feats, "log_standardize").reshape(-1, 5)
+    torch.testing.assert_close(log_std.std(0, unbiased=False), torch.ones(5), atol=1e-4, rtol=0)
     assert normalize_features(feats, "none") is feats
-    with pytest.raises(ValueError, match="zscore"):
+    with pytest.raises(ValueError, match="option `feature_norm`"):
         normalize_features(feats, "zscore")
 
 
@@ -73,6 +94,46 @@ def test_task_wise_pooling_averages_over_tensors():
     pooled = pool_task_wise(feats)
     assert pooled.shape == (2, 1, 4)
     torch.testing.assert_close(pooled[:, 0], feats.mean(1))
+
+
+@pytest.mark.parametrize("mode", ["standardize", "log_abs", "log_standardize"])
+def test_normaliser_fitted_on_all_rows_gives_task_wise_rows_a_scale(mode):
+    """A single task-wise row standardised over itself is all zeros (the old bug); fitted over every
+    task and tensor it keeps the information, for the shared rows and for one pooled row."""
+    g = torch.Generator().manual_seed(0)
+    scales = torch.tensor([1e-4, 1e-8, 1.0, 3.0, 0.5, 0.1])
+    table = (torch.rand(3, 20, 6, generator=g) + 0.1) * scales  # [K, L, D]
+    table[1] *= 2.0  # one task with larger task vectors
+    fitted = FeatureNormalizer(table, mode)
+    rows = pool_task_wise(table)  # [K, 1, D]
+    out = fitted(rows)
+    assert torch.isfinite(out).all() and out.abs().sum() > 0
+    assert (out[1] - out[0]).abs().max() > 0.1  # the tasks stay distinguishable
+    if mode == "standardize":  # affine: normalising then pooling == pooling then normalising
+        torch.testing.assert_close(out, pool_task_wise(fitted(table)))
+    one_row = table.pow(2).sum((0, 1)).sqrt()[None]  # like a whole-model row: larger than all
+    assert fitted(one_row).abs().min() > 0.1
+    if mode == "standardize":
+        assert normalize_features(one_row, mode).abs().sum() == 0  # what fitting on all rows avoids
+
+
+def test_normaliser_leaves_constant_features_finite():
+    table = torch.rand(2, 5, 4)
+    table[..., 3] = 0.0  # e.g. sigma_2 of 1-D tensors
+    for mode in ("standardize", "log_standardize"):
+        out = FeatureNormalizer(table, mode)(table)
+        assert torch.isfinite(out).all() and out[..., 3].abs().max() == 0
+
+
+def test_feature_columns_select_the_paper_groups():
+    assert feature_columns(["mean"], 3) == [0]
+    assert feature_columns(["singular_values", "mean"], 3) == [0, 3, 4, 5]
+    assert feature_columns(["mean", "variance", "l2_norm", "singular_values"], 2) == list(range(5))
+    assert feature_columns(["variance"], 3, pooled=True) == [1, 2]  # std, variance
+    assert feature_columns(["singular_values"], 3, pooled=True) == [4, 5]  # sigma_1, rank
+    for bad in (["mean", "kurtosis"], [], ["mean", "mean"], "mean"):
+        with pytest.raises(ValueError, match="option `stat_features`"):
+            feature_columns(bad, 3)
 
 
 def test_pooled_statistics_match_numpy():
@@ -90,6 +151,34 @@ def test_pooled_statistics_match_numpy():
         (sv > 1e-3).sum(),
     ]
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_pooled_statistics_accumulate_tensor_by_tensor():
+    """A whole-model row from K x K Gram matrices, in chunks, equals the statistics of the
+    concatenated K x n matrix (what the official code builds, and what we never build)."""
+    rng = np.random.default_rng(2)
+    parts = [
+        rng.normal(size=(4, *shape)) * s
+        for shape, s in [((7, 3), 0.1), ((5,), 2.0), ((2, 3, 3), 0.01)]
+    ]
+    rows, whole = pooled_model_statistics([torch.tensor(p) for p in parts])
+    concat = np.concatenate([p.reshape(4, -1) for p in parts], axis=1)
+    np.testing.assert_allclose(
+        whole.numpy(), pooled_tensor_statistics(torch.tensor(concat)), rtol=1e-5
+    )
+    sv = np.linalg.svd(concat, compute_uv=False)
+    want = [concat.mean(), concat.std(ddof=1), concat.var(ddof=1), np.linalg.norm(concat), sv[0], 4]
+    np.testing.assert_allclose(whole.numpy(), want, rtol=1e-5)
+    for l, p in enumerate(parts):
+        np.testing.assert_allclose(rows[l].numpy(), pooled_tensor_statistics(list(torch.tensor(p))))
+    chunked = PooledStatistics(chunk_elements=8)  # 2 columns of 4 tasks at a time
+    for p in parts:
+        chunked.add(torch.tensor(p))
+    np.testing.assert_allclose(chunked.result().numpy(), want, rtol=1e-5)
+    with pytest.raises(ValueError, match="'b': 3 task vectors, earlier tensors had 4"):
+        chunked.add(torch.zeros(3, 2), name="b")
+    with pytest.raises(ValueError, match="'c' contains NaN"):
+        PooledStatistics().add(torch.tensor([[1.0], [float("nan")]]), name="c")
 
 
 @pytest.mark.parametrize("mode", ["shared", "per_tensor", "free"])
@@ -199,3 +288,181 @@ def test_distillation_losses():
         distillation_loss("ce_hard", s, t[:, :4])
     with pytest.raises(ValueError, match="mse"):
         distillation_loss("mse", s, t)
+
+
+# --- the optimiser: every learner mode can reach any coefficient table ---------------------------
+
+
+def fit_table(learner, features, target, settings, steps=500):
+    """Train ``learner`` with the algorithm's optimiser to output ``target``; returns the result."""
+    optimizer, scheduler = build_optimiser(learner, settings, steps)
+    for _ in range(steps):
+        loss = (learner(features) - target).pow(2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    with torch.no_grad():
+        return learner(features)
+
+
+def random_table_problem(mode, K=4, L=10, D=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    features = (
+        torch.randn(L, D, generator=g)
+        if mode == "per_tensor"
+        else torch.randn(K, L, D, generator=g)
+    )
+    target = torch.softmax(1.5 * torch.randn(K, L, generator=g), dim=0)
+    torch.manual_seed(seed)
+    return StatsMergeLearner(K, L, D, mode=mode), features, target
+
+
+@pytest.mark.parametrize("mode", LEARNER_MODES)
+def test_every_mode_reaches_a_random_coefficient_table_with_its_default_optimiser(mode):
+    learner, features, target = random_table_problem(mode)
+    assert (target - 0.25).abs().max() > 0.3  # far from simple averaging
+    got = fit_table(learner, features, target, OptimiserSettings(lr=DEFAULT_LR[mode]))
+    assert (got - target).abs().max() < 0.05
+
+
+def test_a_free_table_at_the_papers_learning_rate_stays_at_simple_averaging():
+    """Why the free control has its own learning rate: at Adam lr 1e-3 with StepLR(100, 0.1) each
+    logit moves by at most ~0.11 in 500 steps."""
+    learner, features, target = random_table_problem("free")
+    got = fit_table(learner, features, target, OptimiserSettings(lr=1e-3))
+    assert (got - 0.25).abs().max() < 0.06
+    assert (got - target).abs().max() > 0.25
+
+
+@pytest.mark.parametrize("schedule", ["step", "cosine", "constant"])
+def test_learned_scale_reaches_a_table_that_is_not_convex(schedule):
+    learner, features, target = random_table_problem("free")
+    learner = StatsMergeLearner(4, 10, 6, mode="free", scale="learned", init_scale=1.0)
+    settings = OptimiserSettings(lr=DEFAULT_LR["free"], schedule=schedule)
+    got = fit_table(learner, features, 1.6 * target, settings)
+    assert (got - 1.6 * target).abs().max() < 0.06
+    torch.testing.assert_close(
+        learner.overall_scale().detach(), torch.tensor(1.6), atol=0.05, rtol=0
+    )
+    fixed = StatsMergeLearner(4, 10, 6, mode="free")  # the paper's convex merge cannot
+    torch.testing.assert_close(
+        fit_table(fixed, features, 1.6 * target, settings).sum(0), torch.ones(10)
+    )
+
+
+def test_schedules_and_the_scale_parameter_group():
+    learner = StatsMergeLearner(3, 2, 6, mode="free", scale="learned", init_scale=2.0)
+    settings = OptimiserSettings(lr=0.1, schedule="step", step_size=2, gamma=0.5, scale_lr=0.01)
+    optimizer, scheduler = build_optimiser(learner, settings, total_steps=10)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.1, 0.01]
+    assert optimizer.param_groups[1]["params"][0] is learner.log_scale
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == [0.05, 0.005]
+    cosine = build_optimiser(learner, OptimiserSettings(lr=0.1, schedule="cosine"), 4)
+    for _ in range(4):
+        cosine[0].step()
+        cosine[1].step()
+    assert cosine[0].param_groups[0]["lr"] < 1e-12
+    with pytest.raises(ValueError, match="option `lr_schedule`"):
+        build_optimiser(learner, OptimiserSettings(lr=0.1, schedule="linear"), 4)
+
+
+@pytest.mark.parametrize("output_norm", ["softmax", "relu", "none"])
+def test_zero_logits_are_simple_averaging_and_can_train(output_norm):
+    learner = StatsMergeLearner(4, 3, 6, mode="free", output_norm=output_norm, init_scale=1.5)
+    coef = learner(None)
+    torch.testing.assert_close(coef, torch.full((4, 3), 1.5 / 4))
+    coef[0, 0].backward()
+    assert learner.logits.grad.abs().sum() > 0  # relu at 0 would give no gradient without the 1/K
+
+
+def test_invalid_learner_options_name_the_option():
+    with pytest.raises(ValueError, match="option `scale`"):
+        StatsMergeLearner(2, 2, 6, scale="both")
+    with pytest.raises(ValueError, match="option `init_scale`"):
+        StatsMergeLearner(2, 2, 6, init_scale=0.0)
+
+
+def test_coefficient_movement():
+    coef = torch.tensor([[0.5, 0.2], [0.5, 0.8]])
+    start = torch.tensor([[0.4, 0.5], [0.6, 0.5]])
+    moved = coefficient_movement(coef, start)
+    assert moved["max_abs_from_uniform"] == pytest.approx(0.3)
+    assert moved["mean_abs_from_uniform"] == pytest.approx(0.15)
+    assert moved["max_abs_from_start"] == pytest.approx(0.3)
+    assert moved["column_sum_min"] == pytest.approx(1.0) and moved["max"] == pytest.approx(0.8)
+
+
+def test_model_selector_keeps_the_best_and_stops_early():
+    best = ModelSelector("best")
+    for step, metric in [(0, 0.5), (5, 0.7), (10, 0.7), (15, 0.6)]:
+        assert not best.update(step, metric, torch.full((2, 1), float(step)), overall_scale=1.0)
+    assert best.best_step == 5 and best.best_coefficients[0, 0] == 5  # ties keep the earlier step
+    early = ModelSelector("early_stop", patience=2)
+    stops = [early.update(s, m, torch.zeros(1, 1)) for s, m in [(0, 0.5), (1, 0.4), (2, 0.3)]]
+    assert stops == [False, False, True] and early.best_step == 0
+    with pytest.raises(ValueError, match="option `selection`"):
+        ModelSelector("none")
+
+
+# --- the objective ---------------------------------------------------------------------------------
+
+
+def test_per_image_losses_average_to_the_batch_losses():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 5, generator=g), 3 * torch.randn(6, 5, generator=g)
+    for kind, T in [("ce_hard", 1.0), ("kl_soft", 1.0), ("kl_soft", 3.0)]:
+        per = per_image_distillation_loss(kind, s, t, T)
+        assert per.shape == (6,) and (per >= 0).all()
+        torch.testing.assert_close(per.mean(), distillation_loss(kind, s, t, T))
+    conf = teacher_confidence(t)
+    assert ((conf > 0.2) & (conf <= 1)).all()
+    weighted = task_loss("ce_hard", s, t, weighting="confidence")
+    torch.testing.assert_close(
+        weighted, (conf * F.cross_entropy(s, t.argmax(-1), reduction="none")).mean()
+    )
+    assert weighted < task_loss("ce_hard", s, t, weighting="sum")
+
+
+def test_relative_weighting_divides_by_the_start():
+    losses = {"a": torch.tensor(2.0), "b": torch.tensor(0.5)}
+    assert float(combine_task_losses(losses, "sum")) == 2.5
+    assert float(combine_task_losses(losses, "relative", {"a": 4.0, "b": 0.25})) == 2.5
+    assert float(combine_task_losses(losses, "relative", {"a": 2.0, "b": 0.5})) == 2.0
+    with pytest.raises(ValueError, match="loss at the start"):
+        combine_task_losses(losses, "relative", {"a": 1.0})
+    with pytest.raises(ValueError, match="option `task_weighting`"):
+        combine_task_losses(losses, "max")
+
+
+def test_one_forward_of_all_tasks_equals_one_forward_per_task():
+    """Same logits, loss and gradients: the encoder treats every image on its own (LayerNorm over
+    features, not over the batch)."""
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.LayerNorm(8), torch.nn.GELU())
+    heads = {"a": torch.randn(3, 8), "b": torch.randn(4, 8), "c": torch.randn(2, 8)}
+    images = {"a": torch.randn(4, 5), "b": torch.randn(2, 5), "c": torch.randn(3, 5)}
+    teacher = {t: torch.randn(len(images[t]), len(heads[t])) for t in heads}
+    results = []
+    for one_forward in (True, False):
+        encoder.zero_grad()
+        calls = []
+
+        def encode(x):
+            calls.append(len(x))
+            return encoder(x)
+
+        logits = task_logits(encode, lambda t, f: f @ heads[t].T, images, one_forward)
+        loss = combine_task_losses(
+            {t: distillation_loss("ce_hard", logits[t], teacher[t]) for t in heads}
+        )
+        loss.backward()
+        results.append((calls, loss.detach(), [p.grad.clone() for p in encoder.parameters()]))
+    (calls1, loss1, grads1), (calls2, loss2, grads2) = results
+    assert calls1 == [9] and calls2 == [4, 2, 3]
+    torch.testing.assert_close(loss1, loss2)
+    for g1, g2 in zip(grads1, grads2):
+        torch.testing.assert_close(g1, g2)

@@ -163,10 +163,11 @@ class FeatureNormalizer:
         self.mean: Optional[torch.Tensor] = None
         self.std: Optional[torch.Tensor] = None
         if mode in ("standardize", "log_standardize"):
-            flat = self._pre(reference).reshape(-1, reference.shape[-1])
+            flat = self._pre(reference.double()).reshape(-1, reference.shape[-1])
             self.mean = flat.mean(0)
             std = flat.std(0, unbiased=False)
-            self.std = torch.where(std > 1e-12 * (1 + self.mean.abs()), std, torch.ones_like(std))
+            constant = std <= 1e-6 * self.mean.abs()  # up to rounding (e.g. log of zeros)
+            self.std = torch.where(constant | (std == 0), torch.ones_like(std), std)
 
     def _pre(self, x: torch.Tensor) -> torch.Tensor:
         return torch.log(x.abs() + LOG_EPS) if self.mode.startswith("log") else x
@@ -174,10 +175,10 @@ class FeatureNormalizer:
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         if self.mode == "none":
             return features
-        x = self._pre(features)
         if self.mean is None:
-            return x
-        return (x - self.mean.to(x)) / self.std.to(x)
+            return self._pre(features)
+        x = self._pre(features.double())
+        return ((x - self.mean.to(x)) / self.std.to(x)).to(features.dtype)
 
 
 def normalize_features(features: torch.Tensor, mode: FeatureNorm = "none") -> torch.Tensor:

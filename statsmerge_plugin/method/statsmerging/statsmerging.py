@@ -562,7 +562,7 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
         else:
             with torch.no_grad():
                 coefficients = learner(learner_features).detach().float()
-            scale = round(float(learner.overall_scale()), 6)
+            scale = round(float(learner.overall_scale().detach()), 6)
         self.rank_max_abs_diff = self.check_ranks_agree(coefficients)
         with self.profile("objective at the end"):
             end_losses = self.evaluate_merge(target, coefficients, images, teacher)["loss"]
@@ -611,7 +611,7 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
                     start,
                 )
             )
-        scale = round(float(learner.overall_scale()), 6)
+        scale = round(float(learner.overall_scale().detach()), 6)
         stop = selector.update(step, metric, coefficients, overall_scale=scale)
         return bool(self.fabric.broadcast(stop, src=0))
 
