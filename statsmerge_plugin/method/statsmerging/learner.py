@@ -262,9 +262,7 @@ class ModelSelector:
         self.history: list[dict] = []
         self.since_best = 0
 
-    def update(
-        self, step: int, metric: float, coefficients: torch.Tensor, **info: float
-    ) -> bool:
+    def update(self, step: int, metric: float, coefficients: torch.Tensor, **info: float) -> bool:
         """Record the evaluation of ``step`` (and ``info``, kept with the step); returns ``True``
         when training should stop."""
         self.history.append({"step": step, "metric": round(float(metric), 6), **info})
