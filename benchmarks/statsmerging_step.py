@@ -22,26 +22,30 @@ import argparse
 import statistics
 import time
 
-SIZES = {
-    # the mini benchmark's default recipe (statsmerge_plugin.mini.recipe.Recipe)
-    "mini": dict(
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        projection_dim=64,
-    ),
-    # CLIP ViT-B/32's vision tower
-    "vit-b-32": dict(
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        image_size=224,
-        patch_size=32,
-        projection_dim=512,
-    ),
-}
+
+def sizes() -> dict:
+    """CLIP vision-tower shapes: the mini benchmark's (its default recipe) and ViT-B/32's."""
+    from statsmerge_plugin.mini.recipe import Recipe
+
+    mini = Recipe()
+    return {
+        "mini": dict(
+            hidden_size=mini.vision_width,
+            num_hidden_layers=mini.vision_layers,
+            num_attention_heads=mini.heads,
+            image_size=32,
+            patch_size=mini.patch_size,
+            projection_dim=mini.projection_dim,
+        ),
+        "vit-b-32": dict(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=32,
+            projection_dim=512,
+        ),
+    }
 
 
 def setup(size: str, num_tasks: int, batch_size_per_task: int, num_classes: int, learner: str):
@@ -57,7 +61,7 @@ def setup(size: str, num_tasks: int, batch_size_per_task: int, num_classes: int,
     from statsmerge_plugin.validation import trainable_state
 
     torch.manual_seed(0)
-    dims = SIZES[size]
+    dims = sizes()[size]
     config = CLIPVisionConfig(intermediate_size=4 * dims["hidden_size"], **dims)
     base = CLIPVisionModel(config).eval().requires_grad_(False)
     state = trainable_state(base)
@@ -94,7 +98,7 @@ def setup(size: str, num_tasks: int, batch_size_per_task: int, num_classes: int,
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", choices=list(SIZES), default="mini")
+    p.add_argument("--size", choices=["mini", "vit-b-32"], default="mini")
     p.add_argument("--tasks", type=int, default=8)
     p.add_argument("--batch-size-per-task", type=int, default=4)
     p.add_argument("--classes", type=int, default=10)
