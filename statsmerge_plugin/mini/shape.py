@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .evaluate import accuracies, dataset_config, modelpool, taskpool
 from .recipe import Recipe
+from .registry import register_tasks
 
 TA_GRID = (0.1, 0.2, 0.3)
 # FusionBench's method defaults (fusion_bench_config/method/{ties_merging,adamerging/clip}.yaml)
@@ -69,6 +70,7 @@ def adamerging(root: Path, tasks: Sequence[str], split: str, max_steps: int):
     from fusion_bench.modelpool import CLIPVisionModelPool
     from omegaconf import DictConfig
 
+    register_tasks(tasks)
     root = Path(root)
     config = DictConfig(
         {

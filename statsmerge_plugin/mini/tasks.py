@@ -580,11 +580,11 @@ def draw_texture(rng: np.random.Generator, label: int) -> Image.Image:
             for x in range(-32, 96, p):
                 d.ellipse([x - r, y - r, x + r, y + r], fill=fg)
     elif label == 6:
-        for y in range(-32, 96, p):
-            pts = [(x, y + (p / 2 if (x // 6) % 2 else 0)) for x in range(-32, 98, 6)]
+        for y in range(-32, 96, p + 2):
+            pts = [(x, y + (0.7 * p if (x // 8) % 2 else 0)) for x in range(-32, 104, 8)]
             d.line(pts, fill=fg, width=2)
     elif label == 7:
-        for v in range(-64, 128, p // 2 + 4):
+        for v in range(-64, 128, p):
             d.line([v, -32, v + 96, 96], fill=fg, width=2)
             d.line([v + 96, -32, v, 96], fill=fg, width=2)
     elif label == 8:
@@ -593,7 +593,7 @@ def draw_texture(rng: np.random.Generator, label: int) -> Image.Image:
             d.ellipse([x - r, y - r, x + r, y + r], fill=fg)
         img = img.filter(ImageFilter.GaussianBlur(2))
     else:
-        r = p * 0.6
+        r = p * 0.8
         for j, y in enumerate(np.arange(-32, 96, r * 1.5)):
             for x in np.arange(-32 + (j % 2) * r * 0.866, 96, r * 1.732):
                 pts = [

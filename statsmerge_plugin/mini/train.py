@@ -141,19 +141,24 @@ def ambiguous_pairs(tasks: Sequence[str], pair_frac: float, seed: int) -> Dict[s
     return {task: sorted(int(k) for k in rng.permutation(5)[:n]) for task in tasks}
 
 
-def positive_matrix(tasks, owner: np.ndarray, pairs: Dict[str, List[int]]) -> torch.Tensor:
-    """``(num_classes_total, num_captions)``: which captions are positives for a class's images.
+def positive_matrix(
+    tasks, owner: np.ndarray, pairs: Dict[str, List[int]], swap: float = 0.5
+) -> torch.Tensor:
+    """``(num_classes_total, num_captions)``: how much each caption is a positive for a class's images.
 
-    "Caption ambiguity": in a blurred pair each class's images are captioned with both classes'
-    captions, so pretraining cannot tell the pair apart; fine-tuning has to.
+    In a chosen pair ``(2k, 2k+1)`` each class's images are captioned with their partner's captions
+    with probability ``swap``: ``0.5`` blurs the pair (pretraining cannot tell the two apart, the
+    zero-shot model guesses), above ``0.5`` the pretrained model confuses them *confidently*, as web
+    captions can teach a CLIP a systematic confusion that fine-tuning has to undo.
     """
-    pos = np.zeros((10 * len(tasks), len(owner)), dtype=np.float32)
-    pos[owner, np.arange(len(owner))] = 1.0
+    own = np.zeros((10 * len(tasks), len(owner)), dtype=np.float32)
+    own[owner, np.arange(len(owner))] = 1.0
+    pos = own.copy()
     for t, task in enumerate(tasks):
         for k in pairs[task]:
             a, b = t * 10 + 2 * k, t * 10 + 2 * k + 1
-            both = np.maximum(pos[a], pos[b])
-            pos[a], pos[b] = both, both
+            pos[a] = (1 - swap) * own[a] + swap * own[b]
+            pos[b] = (1 - swap) * own[b] + swap * own[a]
     return torch.from_numpy(pos)
 
 
@@ -176,7 +181,8 @@ def pretrain(model, tokenizer, pools: Dict[str, Split], recipe: Recipe, seed: in
     tasks = list(pools)
     captions, owner = caption_table(tasks)
     ids = tokenize(tokenizer, captions)
-    pos = positive_matrix(tasks, owner, ambiguous_pairs(tasks, recipe.pair_frac, seed))
+    pairs = ambiguous_pairs(tasks, recipe.pair_frac, seed)
+    pos = positive_matrix(tasks, owner, pairs, recipe.pair_swap)
     images = np.concatenate([pools[t].images for t in tasks])
     classes = torch.from_numpy(
         np.concatenate([t * 10 + pools[task].labels for t, task in enumerate(tasks)])
