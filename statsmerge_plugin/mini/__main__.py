@@ -50,6 +50,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default=1000,
         help="layer-wise AdaMerging steps on the val images (FusionBench's 1000; 0 skips it)",
     )
+    shape.add_argument(
+        "--split",
+        default="val",
+        choices=["val", "test"],
+        help="val (default) to choose recipes; test only to report the chosen recipe",
+    )
     shape.add_argument("--log", default=None, help="JSON-lines log (default <root>/variants.jsonl)")
     shape.add_argument("--name", default="", help="a label for the log")
     shape.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -109,8 +115,9 @@ def shape_main(args: argparse.Namespace) -> int:
         log=args.log,
         name=args.name,
         progress=not args.quiet,
+        split=args.split,
     )
-    print(f"variant {args.name or overrides} seed {args.seed}: {record['key']}")
+    print(f"variant {args.name or overrides} seed {args.seed}, {args.split} split: {record['key']}")
     print(format_shape(record))
     print(json.dumps({"build": record["build_timings_seconds"], **record["timings_seconds"]}))
     return 0

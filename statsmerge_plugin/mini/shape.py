@@ -245,19 +245,24 @@ def run_variant(
     log: Optional[Path] = None,
     name: str = "",
     progress: bool = True,
+    split: str = "val",
 ) -> Dict[str, object]:
-    """Build ``preset``'s recipe with ``overrides`` (without test evaluation) and measure its val
-    shape; append the record (recipe, build time, shape) to ``log``."""
+    """Build ``preset``'s recipe with ``overrides`` (without test evaluation) and measure its shape
+    on ``split`` (``val`` to choose a recipe; ``test`` only to report the chosen one); append the
+    record (recipe, build time, shape) to ``log``."""
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     from .build import build_mini_benchmark, default_root
     from .recipe import get_recipe
     from .tasks import TASK_NAMES
 
-    recipe = get_recipe(preset).replace(evaluate=False, **overrides)
+    # a search build never evaluates on test (its manifest would show test figures)
+    recipe = get_recipe(preset).replace(**dict(overrides, evaluate=split == "test"))
     root = Path(root) if root is not None else default_root()
     t = time.perf_counter()
     manifest = build_mini_benchmark(root, seed, TASK_NAMES, preset, recipe=recipe, progress=progress)
     build_s = round(time.perf_counter() - t, 1)
-    result = measure_shape(Path(manifest["path"]), TASK_NAMES, "val", adamerging_steps)
+    result = measure_shape(Path(manifest["path"]), TASK_NAMES, split, adamerging_steps)
     record = {
         "name": name,
         "overrides": overrides,
