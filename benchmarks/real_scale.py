@@ -79,7 +79,8 @@ def size_plan(size: str, steps: Optional[int], hetero_batch: Optional[int]) -> S
     else:
         plan = SizePlan(size, TA8, steps or 2, (512, 4096), hetero_batch or 64)
     plan.methods = (
-        list(STATSMERGING)
+        ["baseline"]
+        + list(STATSMERGING)
         + list(REFERENCES)
         + ["prodistill"]
         + [f"hetero_{n}" for n in plan.hetero_train_sizes]
@@ -138,7 +139,8 @@ def child_statsmerging(build: Path, plan: SizePlan, method: str) -> Dict:
     d = _durations(alg)
     return {
         "total_s": time.perf_counter() - start,
-        "stats_s": sum(_need(d, "task vectors and statistics")) + sum(d.get("pooled statistics", [])),
+        "stats_s": sum(_need(d, "task vectors and statistics"))
+        + sum(d.get("pooled statistics", [])),
         "pooled_stats_s": sum(d.get("pooled statistics", [])),
         "step_s": _need(d, "train step"),
         "images_per_step": per_task * len(plan.tasks),
@@ -283,6 +285,24 @@ def child_hetero(build: Path, plan: SizePlan, train_size: int, work: Path) -> Di
     }
 
 
+def child_baseline(build: Path, plan: SizePlan) -> Dict:
+    """The floor under every peak: the libraries the runs import, a Fabric and the pool object,
+    no model loaded."""
+    import fusion_bench.taskpool  # noqa: F401
+    from fusion_bench.method.adamerging.clip_layer_wise_adamerging import (  # noqa: F401
+        CLIPLayerWiseAdaMergingAlgorithm,
+    )
+
+    from statsmerge_plugin.method.prodistill import ProDistillForCLIP  # noqa: F401
+    from statsmerge_plugin.method.statsmerging import StatsMergingForCLIP
+    from statsmerge_plugin.realscale import pools
+
+    start = time.perf_counter()
+    _ = StatsMergingForCLIP().fabric
+    pools.modelpool(build, plan.tasks)
+    return {"total_s": time.perf_counter() - start}
+
+
 def child_heads(build: Path, plan: SizePlan) -> Dict:
     """FusionBench's zero-shot heads of every task, into the shared joblib cache (once)."""
     from statsmerge_plugin.method.statsmerging.hetero import DistillToBaseForCLIP
@@ -316,6 +336,8 @@ def run_child_inline(args) -> Dict:
     build = Path(args._build)
     if method == "heads":
         return child_heads(build, plan)
+    if method == "baseline":
+        return child_baseline(build, plan)
     if method in STATSMERGING:
         return child_statsmerging(build, plan, method)
     if method == "adamerging_lw":
@@ -591,7 +613,9 @@ def code_version() -> str:
     except OSError:
         return "unknown"
     changed = [f for f in dirty if f.endswith(".py")]
-    return f"commit {head}" + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
+    return f"commit {head}" + (
+        f" with uncommitted changes to {', '.join(changed)}" if changed else ""
+    )
 
 
 def machine() -> str:
@@ -617,8 +641,10 @@ def measure(args) -> Dict:
     common += ["--hetero-batch", str(plan.hetero_batch)]
     common += ["--prodistill-blocks", str(args.prodistill_blocks)]
     t0 = time.time()
-    when = time.strftime("%Y-%m-%d %H:%M")
-    built = run_child(common + ["--_child", "build"], work / "logs" / f"{args.size}-build.log", limit)
+    when, code = time.strftime("%Y-%m-%d %H:%M"), code_version()
+    built = run_child(
+        common + ["--_child", "build"], work / "logs" / f"{args.size}-build.log", limit
+    )
     if built["status"] != "ok":
         raise SystemExit(f"building the {args.size} pool failed: {built['status']}")
     build = built["build"]
@@ -653,7 +679,7 @@ def measure(args) -> Dict:
         "steps": plan.steps,
         "when": when,
         "machine": machine(),
-        "code": code_version(),
+        "code": code,
         "methods": results,
         "wall_s": time.time() - t0,
     }

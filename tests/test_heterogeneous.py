@@ -367,8 +367,12 @@ def test_training_images_stream_one_batch_at_a_time_and_only_used_ones_are_label
         return model(pixels)[1] @ head
 
     run = distill(
-        student, student_logits, teacher_logits, views, DistillOptions(max_steps=steps,
-        batch_size=batch), progress=False
+        student,
+        student_logits,
+        teacher_logits,
+        views,
+        DistillOptions(max_steps=steps, batch_size=batch),
+        progress=False,
     )
     assert len(run.losses) == len(run.step_seconds) == steps
     # when step k runs, the split has been read no further than its first k + 1 batches
@@ -376,7 +380,12 @@ def test_training_images_stream_one_batch_at_a_time_and_only_used_ones_are_label
     assert all(n <= (k + 1) * batch for k, n in enumerate(rows_read_by_step))
     # the teacher labelled each used image once: 3 x 4 of 16 images; 6 x 4 draws of 16 images
     assert run.images_used == min(len(train), steps * batch)
-    assert sum(labelled) == run.teacher_labelled == run.images_used < max(len(train) + 1, steps * batch)
+    assert (
+        sum(labelled)
+        == run.teacher_labelled
+        == run.images_used
+        < max(len(train) + 1, steps * batch)
+    )
 
 
 def test_teacher_memo_labels_each_position_once():
@@ -585,7 +594,9 @@ def test_output_dir_is_checked_before_any_work(mixed, tmp_path):
         DistillToBaseForCLIP(cache_dir=str(cache), output_dir=str(a_file), **FAST).run(pool)
     earlier = tmp_path / "earlier"
     (earlier / "modelpool").mkdir(parents=True)
-    with pytest.raises(ValueError, match=r"already holds an earlier run's outputs \(\['modelpool'\]\)"):
+    with pytest.raises(
+        ValueError, match=r"already holds an earlier run's outputs \(\['modelpool'\]\)"
+    ):
         DistillToBaseForCLIP(cache_dir=str(cache), output_dir=str(earlier), **FAST).run(pool)
     assert not cache.exists()  # nothing was distilled
     again = DistillToBaseForCLIP(
@@ -599,7 +610,9 @@ def test_output_dir_is_checked_before_any_work(mixed, tmp_path):
 
 
 @pytest.mark.parametrize("how", ["its path", "a saved copy"])
-def test_cli_distill_to_base_refuses_a_train_split_that_is_a_task_pool_test_set(mixed, tmp_path, how):
+def test_cli_distill_to_base_refuses_a_train_split_that_is_a_task_pool_test_set(
+    mixed, tmp_path, how
+):
     """The model pool has no test sets (as FusionBench's often do); the task pool's test set of
     ``eurosat`` is the teacher's train split, by path or as a re-saved copy (same fingerprint)."""
     models = mixed_config(mixed)["models"]

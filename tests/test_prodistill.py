@@ -151,7 +151,10 @@ def test_block_losses_decrease_and_test_split_is_never_read(tiny, tmp_path):
         assert sum(curve[-3:]) < sum(curve[:3])
     assert alg.report["few_shot_images"] == {"mnist": 12, "eurosat": 12}
     # on a CPU the cache is host memory: 24 samples x 17 tokens x 32 floats, two streams
-    assert alg.report["activation_cache"] == {"placement": "memory", "mb": 2 * 24 * 17 * 32 * 4 / 2**20}
+    assert alg.report["activation_cache"] == {
+        "placement": "memory",
+        "mb": 2 * 24 * 17 * 32 * 4 / 2**20,
+    }
     # what was read: each task's val split (real path, fingerprint), never a test set
     read = alg.report["few_shot_data"]["eurosat"]
     assert read["split"] == "val" and read["num_images"] == 12 and read["fingerprint"]

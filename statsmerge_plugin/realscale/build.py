@@ -76,7 +76,9 @@ class PoolRecipe:
         if not self.tasks:
             raise ValueError("a pool needs at least one task")
         if not (math.isfinite(self.relative_size) and self.relative_size > 0):
-            raise ValueError(f"`relative_size` must be a finite number > 0, not {self.relative_size}")
+            raise ValueError(
+                f"`relative_size` must be a finite number > 0, not {self.relative_size}"
+            )
         if self.teacher_task is not None and self.teacher_task not in self.tasks:
             raise ValueError(f"teacher task {self.teacher_task!r} is not one of {self.tasks}")
         if self.teacher_train_sizes and self.teacher_task is None:
@@ -193,9 +195,9 @@ def write_teacher(directory: Path, task: str, spec: ClipSize, seed: int) -> Path
         **stages,
     )
     ResNetForImageClassification(config).save_pretrained(directory)
-    ConvNextImageProcessor(
-        size={"shortest_edge": spec.image_size}, crop_pct=0.875
-    ).save_pretrained(directory)
+    ConvNextImageProcessor(size={"shortest_edge": spec.image_size}, crop_pct=0.875).save_pretrained(
+        directory
+    )
     return directory
 
 
@@ -257,7 +259,9 @@ def _build(out: Path, recipe: PoolRecipe) -> Dict:
         for j, (split, n) in enumerate(splits.items()):
             write_split(out / "data" / task / split, task, n, side, 10_000 * k + j + recipe.seed)
     if recipe.teacher_task is not None:
-        write_teacher(out / "teachers" / recipe.teacher_task, recipe.teacher_task, spec, recipe.seed)
+        write_teacher(
+            out / "teachers" / recipe.teacher_task, recipe.teacher_task, spec, recipe.seed
+        )
         k = recipe.tasks.index(recipe.teacher_task)
         for n in recipe.teacher_train_sizes:
             path = out / "data" / recipe.teacher_task / f"train_{n}"

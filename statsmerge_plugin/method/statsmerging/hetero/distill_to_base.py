@@ -69,6 +69,7 @@ from .cache import (
 )
 from .distill import DistillOptions, distill, plan_batches
 from .report import accuracy, write_report
+from .stream import LabelledPairs, PairedViews, images_digest, used_positions
 from .teachers import (
     Teacher,
     build_teacher,
@@ -77,7 +78,6 @@ from .teachers import (
     processor_identity,
     same_architecture,
 )
-from .stream import LabelledPairs, PairedViews, images_digest, used_positions
 
 log = logging.getLogger(__name__)
 
@@ -221,12 +221,13 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         Raises:
             ValueError: naming the directory (and what it already holds).
         """
-        if self.output_dir is None and self.log_dir is None:
+        if self.output_dir is not None:
+            out = self.output_dir
+        elif self.log_dir is not None:
+            out = Path(self.log_dir) / "distill_to_base"
+        else:
             raise ValueError("distill_to_base needs `output_dir` (there is no log directory)")
-        out = Path(self.output_dir if self.output_dir is not None else self.log_dir)
-        out = check_writable_dir(
-            out if self.output_dir is not None else out / "distill_to_base", "`output_dir`"
-        )
+        out = check_writable_dir(out, "`output_dir`")
         found = existing_artefacts(out, OUTPUT_ENTRIES)
         if found and not self.overwrite:
             raise ValueError(
@@ -236,7 +237,7 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
             )
         return out
 
-    def test_split_guard(self, modelpool) -> TestSplitGuard:
+    def split_guard(self, modelpool) -> TestSplitGuard:
         """The test sets of the model pool and of the program's task pool (never training data)."""
         return TestSplitGuard(modelpool, getattr(getattr(self, "_program", None), "taskpool", None))
 
@@ -248,7 +249,7 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         """
         start = time.time()
         self.modelpool = modelpool
-        self._guard = self.test_split_guard(modelpool)
+        self._guard = self.split_guard(modelpool)
         plan = self.inspect_pool(modelpool)
         if not plan.teachers:
             log.warning(
