@@ -45,6 +45,7 @@ from statsmerge_plugin.method.statsmerging.hetero.cache import (
 )
 from statsmerge_plugin.method.statsmerging.hetero.distill import (
     DistillOptions,
+    backward_in_chunks,
     batch_indices,
     distill,
 )
@@ -386,6 +387,56 @@ def test_training_images_stream_one_batch_at_a_time_and_only_used_ones_are_label
         == run.images_used
         < max(len(train) + 1, steps * batch)
     )
+
+
+def test_micro_batches_give_the_same_steps(mixed):
+    """Chunked forward/backward with accumulated gradients: the whole batch's step."""
+    from transformers import CLIPProcessor, CLIPVisionModel
+
+    train = load_from_disk(str(mixed["data"][("mnist", "train")]))
+    processor = CLIPProcessor.from_pretrained(mixed["pretrained"])
+    views = PairedViews(train, processor, processor, list(range(len(train))))
+    teacher = CLIPVisionModel.from_pretrained(mixed["models"]["mnist"]).eval()
+    head = torch.randn(32, 10, generator=torch.Generator().manual_seed(0))
+    students, runs = [], []
+    for chunk in (None, 3):
+        student = CLIPVisionModel.from_pretrained(mixed["pretrained"])
+        runs.append(
+            distill(
+                student,
+                lambda m, px: m(px)[1] @ head,
+                lambda px: teacher(px)[1] @ head,
+                views,
+                DistillOptions(max_steps=3, batch_size=8, lr=1e-3),
+                micro_batch_size=chunk,
+                progress=False,
+            )
+        )
+        students.append(student)
+    torch.testing.assert_close(runs[0].losses, runs[1].losses, rtol=1e-4, atol=1e-6)
+    # Adam turns float-level gradient differences into up to lr-sized steps: at most 3 x lr
+    for a, b in zip(students[0].parameters(), students[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=3e-3)
+
+
+def test_backward_in_chunks_accumulates_the_batch_gradient():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    x, t = torch.randn(8, 5), torch.randn(8, 3)
+
+    def chunk_loss(part):
+        return torch.nn.functional.mse_loss(model(x[part]), t[part])
+
+    grads, values = [], []
+    for chunk in (None, 3, 1):
+        model.zero_grad()
+        values.append(backward_in_chunks(chunk_loss, 8, chunk))
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert values[0] == pytest.approx(float(chunk_loss(slice(0, 8))))
+    for other in (1, 2):
+        assert values[other] == pytest.approx(values[0], rel=1e-6)
+        for g, h in zip(grads[0], grads[other]):
+            torch.testing.assert_close(g, h)
 
 
 def test_teacher_memo_labels_each_position_once():

@@ -115,6 +115,25 @@ def plan_batches(n: int, options: DistillOptions, steps: int):
     return batch_indices(n, options.batch_size, steps, generator), generator
 
 
+def backward_in_chunks(
+    chunk_loss: Callable[[slice], torch.Tensor], batch_size: int, chunk: Optional[int] = None
+) -> float:
+    """Back-propagate a batch's mean loss chunk by chunk; returns the batch's loss.
+
+    ``chunk_loss(part)`` is the mean loss of the images ``part``; each chunk's loss is weighted by
+    its share of the batch, so the accumulated gradients are those of the whole batch's mean loss
+    while only one chunk's activations are alive. ``chunk=None``: the whole batch at once.
+    """
+    size = batch_size if chunk is None else min(chunk, batch_size)
+    total = 0.0
+    for start in range(0, batch_size, size):
+        part = slice(start, min(start + size, batch_size))
+        loss = chunk_loss(part) * ((part.stop - part.start) / batch_size)
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
 @dataclass
 class DistillRun:
     """What one distillation did.
@@ -142,6 +161,7 @@ def distill(
     steps: Optional[int] = None,
     device=None,
     num_workers: int = 0,
+    micro_batch_size: Optional[int] = None,
     desc: str = "distill",
     progress: bool = True,
 ) -> DistillRun:
@@ -162,6 +182,9 @@ def distill(
         steps: overrides ``options.max_steps`` (``fast_dev_run``).
         device: where the batches go (default: the student's device).
         num_workers: ``DataLoader`` worker processes.
+        micro_batch_size: run forward and backward on chunks of this many images and accumulate
+            their gradients (the same step; activation memory of a chunk, not of the batch);
+            ``None``: the whole batch at once.
     """
     labelled = isinstance(views, LabelledPairs)
     if options.use_labels != labelled:
@@ -195,14 +218,20 @@ def distill(
             target = memo.targets(positions, teacher_px)
         else:
             target = teacher_logits(apply_augmentation(teacher_px, augment))
-        loss = distillation_objective(
-            student_logits(student, xs), target, options.temperature, options.alpha, labels
-        )
+
+        def chunk_loss(part: slice) -> torch.Tensor:
+            return distillation_objective(
+                student_logits(student, xs[part]),
+                target[part],
+                options.temperature,
+                options.alpha,
+                None if labels is None else labels[part],
+            )
+
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.append(backward_in_chunks(chunk_loss, len(xs), micro_batch_size))
         optimizer.step()
         scheduler.step()
-        losses.append(float(loss.detach()))
         seconds.append(time.perf_counter() - start)
         start = time.perf_counter()
         bar.update()

@@ -140,6 +140,8 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         num_train_images: images of the train split a teacher's steps draw from (``null``: all);
             images are streamed batch by batch and only the ones the steps use are labelled.
         num_workers: ``DataLoader`` workers that load and process the training images.
+        micro_batch_size: forward/backward in chunks of this many images with accumulated
+            gradients (the same steps, the activation memory of a chunk); ``null``: whole batches.
         cache_dir: student cache (``null``: ``$STATSMERGE_STUDENT_CACHE`` or the user cache dir).
         teachers: optional per-teacher overrides ``{task: {processor: ..., clip_model: ...}}``
             (default: both are loaded from the directory the teacher was loaded from).
@@ -169,6 +171,7 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         seed: int = 0,
         num_train_images: Optional[int] = None,
         num_workers: int = 0,
+        micro_batch_size: Optional[int] = None,
         cache_dir: Optional[str] = None,
         teachers: Optional[Dict[str, Dict[str, Any]]] = None,
         evaluate_test: bool = True,
@@ -183,6 +186,7 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         if num_train_images is not None:
             check_int("num_train_images", num_train_images)
         check_int("num_workers", num_workers, minimum=0)
+        check_int("micro_batch_size", micro_batch_size, allow_none=True)
         check_int("eval_batch_size", eval_batch_size)
         check_bool("overwrite", overwrite)
         if teachers is not None and not isinstance(plain(teachers), dict):
@@ -279,7 +283,11 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
             "teachers": records,
             "cache_dir": str(self.resolved_cache_dir()),
             "options": self.distill_options().key()
-            | {"num_train_images": self.num_train_images, "num_workers": self.num_workers},
+            | {
+                "num_train_images": self.num_train_images,
+                "num_workers": self.num_workers,
+                "micro_batch_size": self.micro_batch_size,
+            },
             "fast_dev_run": bool(self.is_debug_mode),
         }
         if self.evaluate_test and teacher_tasks:
@@ -438,6 +446,7 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
                     steps=self.steps(),
                     device=self.fabric.device,
                     num_workers=self.num_workers,
+                    micro_batch_size=self.micro_batch_size,
                     desc=("[DEBUG MODE] " if self.is_debug_mode else "") + f"distil {task}",
                     progress=self.fabric.is_global_zero,
                 )
