@@ -38,16 +38,16 @@ class Recipe:
     heads: int = _knob(4, "model")
     projection_dim: int = _knob(64, "model")
     # contrastive pretraining of the whole CLIP
-    pretrain_steps: int = _knob(500, "pretrain")
+    pretrain_steps: int = _knob(1500, "pretrain")
     pretrain_batch: int = _knob(128, "pretrain")
     pretrain_lr: float = _knob(1e-3, "pretrain")
     pretrain_wd: float = _knob(0.1, "pretrain")
     # fraction of the (2k, 2k+1) class pairs whose captions are blurred
     pair_frac: float = _knob(0.6, "pretrain")
     # how often an image of such a pair is captioned as its partner (0.5: blurred, > 0.5: confused)
-    pair_swap: float = _knob(0.5, "pretrain")
+    pair_swap: float = _knob(0.6, "pretrain")
     # fine-tuning of the vision tower against the frozen zero-shot head
-    ft_steps: int = _knob(200, "finetune")
+    ft_steps: int = _knob(500, "finetune")
     ft_batch: int = _knob(32, "finetune")
     ft_lr: float = _knob(2e-4, "finetune")
     ft_wd: float = _knob(0.0, "finetune")
