@@ -575,9 +575,14 @@ def render(results: Dict) -> str:
         ]
         if size == "vit-b-32":
             parts += ["Targets (issue 10):", "", *targets(sr), ""]
-        notes = sr.get("notes", [])
-        if notes:
-            parts += [*notes, ""]
+        for later in sr.get("later_runs", []):
+            parts += [
+                f"Measured later, on {later['when']} ({later['code']}; {later['machine']}; "
+                f"{later.get('steps', '?')} training step(s)): "
+                + ", ".join(later["methods"])
+                + ".",
+                "",
+            ]
     parts += ["## Projection formulae", "", FORMULAE, "", "## GPU commands", ""]
     for size in ("vit-b-32", "vit-l-14"):
         parts += [f"{size} (FusionBench's real pools, downloaded by FusionBench):", "", "```bash"]
@@ -696,6 +701,7 @@ def parse_args(argv=None):
     p.add_argument("--prodistill-blocks", type=int, default=2, help="ProDistill blocks to run")
     p.add_argument("--methods", nargs="*", default=None, help="a subset of the methods")
     p.add_argument("--rss-limit-gb", type=float, default=13.0, help="kill a run above this RSS")
+    p.add_argument("--render", action="store_true", help="only rewrite --doc from --results")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_build", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -706,13 +712,23 @@ def main(argv=None) -> int:
     if args._child is not None:
         print("RESULT " + json.dumps(run_child_inline(args)), flush=True)
         return 0
+    if args.render:
+        stored = json.loads(Path(args.results).read_text())
+        write_doc(Path(args.doc), {s: stored[s] for s in sorted(stored) if s != "tiny"} or stored)
+        return 0
     if os.environ.get("OMP_NUM_THREADS") is None:
         print("note: OMP_NUM_THREADS is not set; set it (e.g. 1) for comparable timings")
     size_result = measure(args)
     results_path = Path(args.results)
     stored = json.loads(results_path.read_text()) if results_path.exists() else {}
-    if args.methods and args.size in stored:  # a subset re-measured: keep the other methods
-        size_result["methods"] = stored[args.size]["methods"] | size_result["methods"]
+    if args.methods and args.size in stored:  # a subset measured later: added to the full run
+        earlier = stored[args.size]
+        earlier["methods"] |= size_result["methods"]
+        earlier.setdefault("later_runs", []).append(
+            {k: size_result[k] for k in ("when", "code", "machine", "wall_s", "steps")}
+            | {"methods": sorted(size_result["methods"])}
+        )
+        size_result = earlier
     stored[args.size] = size_result
     results_path.write_text(json.dumps(stored, indent=1))
     write_doc(Path(args.doc), {s: stored[s] for s in sorted(stored) if s != "tiny"} or stored)
