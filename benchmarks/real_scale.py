@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -272,7 +273,10 @@ def child_hetero(build: Path, plan: SizePlan, train_size: int, work: Path) -> Di
     )
     pool = pools.modelpool(build, plan.tasks, hetero=True, train_split=f"train_{train_size}")
     start = time.perf_counter()
-    _, report = alg.distill_pool(pool)
+    try:
+        _, report = alg.distill_pool(pool)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)  # the student itself is not needed
     record = report["teachers"]["eurosat"]
     return {
         "total_s": time.perf_counter() - start,
