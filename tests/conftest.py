@@ -98,5 +98,17 @@ def run_fusion_bench(
     return proc
 
 
+def damaged_checkpoint_copy(model_dir: Path, tmp_path: Path, damage: str) -> Path:
+    """A copy of ``model_dir`` whose ``model.safetensors`` is truncated or garbage; returns the file."""
+    import shutil
+
+    weights = Path(shutil.copytree(model_dir, tmp_path / "damaged")) / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(
+        data[: len(data) // 2] if damage == "truncated" else b"not safetensors" * 64
+    )
+    return weights
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())

@@ -186,7 +186,9 @@ def test_finetuning_variants_share_one_pretraining(tmp_path):
     wa, wb, wc = weights(pa), weights(pb), weights(pc)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
-    fa, fb = weights(Path(a["path"]) / "models" / one[0]), weights(Path(b["path"]) / "models" / one[0])
+    fa, fb = weights(Path(a["path"]) / "models" / one[0]), weights(
+        Path(b["path"]) / "models" / one[0]
+    )
     assert any(not torch.equal(fa[k], fb[k]) for k in fa)
     assert b["pretrain_loss"] == a["pretrain_loss"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_tiny_configs
+from conftest import damaged_checkpoint_copy, write_tiny_configs
 from fusion_bench.utils import instantiate
 from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
@@ -414,14 +414,9 @@ def test_too_few_images_names_the_task(tiny):
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_unreadable_checkpoint_names_model_and_file(tiny, tmp_path, model, damage):
     src = tiny["pretrained"] if model == "_pretrained_" else tiny["models"][model]
-    copy = Path(shutil.copytree(src, tmp_path / "damaged"))
-    weights = copy / "model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(
-        data[: len(data) // 2] if damage == "truncated" else b"not safetensors" * 64
-    )
+    weights = damaged_checkpoint_copy(src, tmp_path, damage)
     cfg = pool_config(tiny)
-    cfg["models"][model] = str(copy)
+    cfg["models"][model] = str(weights.parent)
     _expect_error(make_pool(cfg), f"model '{model}'.*{weights}")
 
 

@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import read_json
+from conftest import damaged_checkpoint_copy, read_json
 from hydra.utils import instantiate
 from lightning.fabric.loggers import TensorBoardLogger
 from omegaconf import DictConfig
@@ -372,17 +372,10 @@ def test_task_models_are_validated_before_any_data_is_loaded(tiny_clip, tmp_path
 @pytest.mark.parametrize("model", ["eurosat", "_pretrained_"])
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_unreadable_checkpoint_names_model_and_file(tiny_clip, tmp_path, model, damage):
-    import shutil
-
     src = tiny_clip["pretrained"] if model == "_pretrained_" else tiny_clip["models"][model]
-    copy = Path(shutil.copytree(src, tmp_path / "damaged"))
-    weights = copy / "model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(
-        data[: len(data) // 2] if damage == "truncated" else b"not safetensors" * 64
-    )
+    weights = damaged_checkpoint_copy(src, tmp_path, damage)
     cfg = pool_config(tiny_clip)
-    cfg["models"][model] = str(copy)
+    cfg["models"][model] = str(weights.parent)
     with pytest.raises(ValueError, match=f"model '{model}'.*{weights}"):
         fast().run(make_pool(cfg))
 

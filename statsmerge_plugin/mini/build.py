@@ -278,4 +278,6 @@ def ensure_built(
     recipe: Optional[Recipe] = None,
 ) -> Path:
     """Path of a complete build, building it first if needed (cheap when it exists)."""
-    return Path(build_mini_benchmark(root, seed, tasks, preset, recipe=recipe, progress=progress)["path"])
+    return Path(
+        build_mini_benchmark(root, seed, tasks, preset, recipe=recipe, progress=progress)["path"]
+    )

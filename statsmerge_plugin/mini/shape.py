@@ -63,11 +63,11 @@ def adamerging(root: Path, tasks: Sequence[str], split: str, max_steps: int):
     """FusionBench's layer-wise AdaMerging (its own class and default settings), adapting on the
     unlabelled images of ``split`` (FusionBench adapts on the images it evaluates on)."""
     import lightning as L
-    from lightning.fabric.loggers import TensorBoardLogger
     from fusion_bench.method.adamerging.clip_layer_wise_adamerging import (
         CLIPLayerWiseAdaMergingAlgorithm,
     )
     from fusion_bench.modelpool import CLIPVisionModelPool
+    from lightning.fabric.loggers import TensorBoardLogger
     from omegaconf import DictConfig
 
     register_tasks(tasks)
@@ -143,7 +143,9 @@ def measure_shape(
     done("individual")
     single: Dict[str, Dict[str, float]] = {}
     for task in tasks:  # one task vector at λ = 0.3
-        accs = evaluate(TaskArithmeticAlgorithm(scaling_factor=0.3).run(modelpool(root, [task], ())))
+        accs = evaluate(
+            TaskArithmeticAlgorithm(scaling_factor=0.3).run(modelpool(root, [task], ()))
+        )
         others = [accs[o] - rows["zero-shot"][o] for o in tasks if o != task]
         single[task] = {"own": accs[task], "others_change": round(sum(others) / len(others), 4)}
     timings["single"] = round(time.perf_counter() - t, 1)
@@ -260,7 +262,9 @@ def run_variant(
     recipe = get_recipe(preset).replace(**dict(overrides, evaluate=split == "test"))
     root = Path(root) if root is not None else default_root()
     t = time.perf_counter()
-    manifest = build_mini_benchmark(root, seed, TASK_NAMES, preset, recipe=recipe, progress=progress)
+    manifest = build_mini_benchmark(
+        root, seed, TASK_NAMES, preset, recipe=recipe, progress=progress
+    )
     build_s = round(time.perf_counter() - t, 1)
     result = measure_shape(Path(manifest["path"]), TASK_NAMES, split, adamerging_steps)
     record = {

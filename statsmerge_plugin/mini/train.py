@@ -97,8 +97,14 @@ def cosine_lr(step: int, total: int, warmup_frac: float = 0.05) -> float:
 
 
 def optimize(
-    params, step_loss: Callable[[int], torch.Tensor], steps: int, lr: float, wd: float,
-    desc: str = "train", progress: bool = True, leave: bool = True,
+    params,
+    step_loss: Callable[[int], torch.Tensor],
+    steps: int,
+    lr: float,
+    wd: float,
+    desc: str = "train",
+    progress: bool = True,
+    leave: bool = True,
 ) -> List[float]:
     """AdamW with a cosine schedule (5 % warm-up) for ``steps`` steps of ``step_loss(step)``.
 
@@ -205,8 +211,13 @@ def pretrain(model, tokenizer, pools: Dict[str, Split], recipe: Recipe, seed: in
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     losses = optimize(
-        params, step_loss, recipe.pretrain_steps, recipe.pretrain_lr, recipe.pretrain_wd,
-        desc="pretrain", progress=pbar,
+        params,
+        step_loss,
+        recipe.pretrain_steps,
+        recipe.pretrain_lr,
+        recipe.pretrain_wd,
+        desc="pretrain",
+        progress=pbar,
     )
     model.eval()
     return losses
