@@ -384,3 +384,58 @@ def test_fusion_bench_cli_simple_average_on_mini_pool(tmp_path, smoke_root, smok
     assert [p.name for p in smoke_root.iterdir() if not p.name.startswith(".")] == [
         Path(smoke_build["path"]).name
     ]
+
+
+# ------------------------------------------------------------------------------------------
+# the recipe loop
+
+
+def _rows(**averages):
+    tasks = {t: 0.0 for t in PAIR}
+    return {name: dict({t: avg for t in tasks}, average=avg) for name, avg in averages.items()}
+
+
+def test_shape_checks_state_the_real_benchmarks_ordering():
+    from statsmerge_plugin.mini.shape import shape_checks
+
+    like_real = _rows(
+        **{
+            "zero-shot": 0.48,
+            "individual": 0.90,
+            "simple_average": 0.665,
+            "task_arithmetic_0.3": 0.69,
+            "ties": 0.722,
+            "adamerging": 0.826,
+        }
+    )
+    assert all(ok for _, ok, _ in shape_checks(like_real))
+    r1 = dict(like_real, **{"task_arithmetic_0.3": _rows(x=0.47)["x"]})  # r1's TA below SA
+    failed = {name for name, ok, _ in shape_checks(r1) if not ok}
+    assert failed == {"TA(0.3) ≥ SA + 1"}
+
+
+def test_recipe_loop_measures_a_variant_on_val_and_logs_it(tmp_path):
+    from statsmerge_plugin.mini.shape import format_variants, run_variant
+
+    log = tmp_path / "variants.jsonl"
+    record = run_variant(
+        {"ft_steps": 4},
+        root=tmp_path / "root",
+        preset="smoke",
+        adamerging_steps=2,
+        log=log,
+        name="tiny",
+        progress=False,
+    )
+    rows = record["rows"]
+    assert record["split"] == "val" and record["overrides"] == {"ft_steps": 4}
+    assert {"zero-shot", "individual", "simple_average", "ties", "adamerging"} <= set(rows)
+    assert {f"task_arithmetic_{lam}" for lam in (0.1, 0.2, 0.3)} <= set(rows)
+    assert set(record["single_vector"]) == set(TASK_NAMES)
+    manifest = read_manifest(tmp_path / "root" / record["key"])
+    assert manifest["recipe"]["ft_steps"] == 4
+    assert "test_accuracy" not in manifest  # a search build never evaluates on test
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["key"] == record["key"]
+    table = format_variants([json.loads(lines[0])])
+    assert "| tiny | ft_steps=4 | 0 |" in table
