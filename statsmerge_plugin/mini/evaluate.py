@@ -15,8 +15,17 @@ def dataset_config(root: Path, task: str, split: str) -> dict:
     }
 
 
-def modelpool(root: Path, tasks: Sequence[str], splits: Sequence[str] = ("train", "val", "test")):
-    """A ``CLIPVisionModelPool`` over a build directory (what the YAML config describes)."""
+def modelpool(
+    root: Path,
+    tasks: Sequence[str],
+    splits: Sequence[str] = ("train", "val", "test"),
+    test_from: str = "test",
+):
+    """A ``CLIPVisionModelPool`` over a build directory (what the YAML config describes).
+
+    ``test_from`` names the split served as the pool's ``test_datasets`` (FusionBench's test-time
+    adaptation reads those; ``"val"`` lets it adapt on val images instead).
+    """
     from fusion_bench.modelpool import CLIPVisionModelPool
     from omegaconf import DictConfig
 
@@ -24,7 +33,10 @@ def modelpool(root: Path, tasks: Sequence[str], splits: Sequence[str] = ("train"
     models = {"_pretrained_": str(root / "pretrained")}
     models.update({t: str(root / "models" / t) for t in tasks})
     kwargs = {
-        f"{s}_datasets": DictConfig({t: dataset_config(root, t, s) for t in tasks}) for s in splits
+        f"{s}_datasets": DictConfig(
+            {t: dataset_config(root, t, test_from if s == "test" else s) for t in tasks}
+        )
+        for s in splits
     }
     return CLIPVisionModelPool(DictConfig(models), processor=str(root / "pretrained"), **kwargs)
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .evaluate import accuracies, dataset_config, modelpool, taskpool
+from .evaluate import accuracies, modelpool, taskpool
 from .recipe import Recipe
 from .registry import register_tasks
 
@@ -66,7 +66,6 @@ def adamerging(root: Path, tasks: Sequence[str], split: str, max_steps: int):
     from fusion_bench.method.adamerging.clip_layer_wise_adamerging import (
         CLIPLayerWiseAdaMergingAlgorithm,
     )
-    from fusion_bench.modelpool import CLIPVisionModelPool
     from lightning.fabric.loggers import TensorBoardLogger
     from omegaconf import DictConfig
 
@@ -89,13 +88,7 @@ def adamerging(root: Path, tasks: Sequence[str], split: str, max_steps: int):
             "save_merging_weights": False,
         }
     )
-    models = {"_pretrained_": str(root / "pretrained")}
-    models.update({t: str(root / "models" / t) for t in tasks})
-    pool = CLIPVisionModelPool(
-        DictConfig(models),
-        processor=str(root / "pretrained"),
-        test_datasets=DictConfig({t: dataset_config(root, t, split) for t in tasks}),
-    )
+    pool = modelpool(root, tasks, splits=("test",), test_from=split)
     algorithm = CLIPLayerWiseAdaMergingAlgorithm(config)
     with tempfile.TemporaryDirectory() as logs:  # FusionBench logs hyperparameters and metrics
         logger = TensorBoardLogger(logs, name="adamerging")
