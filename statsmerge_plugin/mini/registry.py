@@ -12,14 +12,17 @@ from __future__ import annotations
 import warnings
 from typing import Iterable, Optional
 
+from .corruptions import CORRUPTIONS, corrupted_key
 from .tasks import TASK_NAMES, get_task
 
 
-def register_task(name: str) -> None:
-    """Make ``name`` resolvable by ``fusion_bench.tasks.clip_classification``."""
+def register_task(name: str, alias: Optional[str] = None) -> None:
+    """Make ``name`` (or ``alias``, with ``name``'s class names and templates) resolvable by
+    ``fusion_bench.tasks.clip_classification``."""
     from fusion_bench.tasks.clip_classification import CLIPTemplateFactory
 
     spec = get_task(name)
+    name = alias or name
     classnames, templates = list(spec.classnames), spec.templates
     info = {"classnames": classnames, "templates": templates}
     with warnings.catch_warnings():
@@ -33,6 +36,10 @@ def register_task(name: str) -> None:
 
 
 def register_tasks(names: Optional[Iterable[str]] = None) -> None:
-    """Register every mini task (or only ``names``) in this process."""
+    """Register every mini task (or only ``names``) in this process, and each task's corrupted
+    test splits under ``<task>__<corruption>`` (the keys of the robustness task pool, which evaluates
+    them next to the clean ones; see ``corruptions.py``)."""
     for name in names or TASK_NAMES:
         register_task(name)
+        for corruption in CORRUPTIONS:
+            register_task(name, alias=corrupted_key(name, corruption))
