@@ -28,6 +28,7 @@ from statsmerge_plugin.method.statsmerging.statistics import (
     PooledStatistics,
     as_matrix,
     feature_columns,
+    gram_singular_values,
     normalize_features,
     pool_task_wise,
     pooled_model_statistics,
@@ -69,6 +70,35 @@ def test_randomized_svd_matches_exact_top_values():
     exact = top_singular_values(m, 3, exact_max_numel=10**9)
     randomized = top_singular_values(m, 3, exact_max_numel=100)
     torch.testing.assert_close(randomized, exact, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(48, 160), (160, 48), (40, 40)])
+@pytest.mark.parametrize("ratio", [1.0, 0.3, 0.01, 1e-4, 0.0])
+def test_exact_singular_values_from_the_gram_matrix_match_a_float64_svd(shape, ratio):
+    """sigma_3 / sigma_1 = ``ratio``: flat and steep spectra, and rank 2 (ratio 0), as accurate as
+    float32 ``svdvals`` (the float64 fallback takes over below sigma_r = 0.1 sigma_1)."""
+    g = torch.Generator().manual_seed(0)
+    m, n = shape
+    u, _ = torch.linalg.qr(torch.randn(m, 8, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, 8, generator=g, dtype=torch.float64))
+    s = torch.tensor([1.0, ratio**0.5, ratio, *[ratio / 2] * 5], dtype=torch.float64)
+    a = ((u * s) @ v.T).float()
+    want = torch.linalg.svdvals(a.double())[:3]
+    got = gram_singular_values(a, 3).double()
+    float32_svd = torch.linalg.svdvals(a)[:3].double()
+    assert (got - want).abs().max() <= 4 * (float32_svd - want).abs().max() + 1e-7
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(top_singular_values(a, 3), got.float())
+
+
+def test_gram_singular_values_of_short_and_zero_matrices():
+    torch.testing.assert_close(
+        gram_singular_values(torch.tensor([[3.0, 4.0]]), 3), torch.tensor([5.0])
+    )
+    torch.testing.assert_close(gram_singular_values(torch.zeros(4, 6), 2), torch.zeros(2))
+    torch.testing.assert_close(
+        top_singular_values(torch.tensor([[3.0, 4.0]]), 3), torch.tensor([5.0, 0.0, 0.0])
+    )
 
 
 def test_statistics_reject_non_finite_and_name_the_tensor():

