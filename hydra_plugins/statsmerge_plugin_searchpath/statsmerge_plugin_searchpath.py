@@ -9,14 +9,21 @@ resolver used by the mini-TA8 configs; the resolver builds the benchmark only wh
 * ``pkg://fusion_bench_config`` is appended as well: FusionBench makes ``./config`` its *only* main config
   directory when one exists in the working directory (e.g. our repository root), which would otherwise
   hide ``fabric_model_fusion`` and every built-in method, pool and task pool.
+
+It also gives Python < 3.12 the ``typing.override`` that FusionBench 0.2.33's OpenCLIP pools import
+(:func:`statsmerge_plugin.method.compat.patch_typing_override`).
 """
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
+from statsmerge_plugin.method.compat import patch_typing_override as _patch_typing_override
 from statsmerge_plugin.mini.resolver import register_resolver as _register_mini_clip
 
 _register_mini_clip()  # ${mini_clip:} in the mini-clip_TA8 configs (omegaconf only, no torch)
+# FusionBench 0.2.33's OpenCLIP model and task pools import `typing.override` (Python >= 3.12); this
+# runs before any pool is instantiated (typing only, no torch)
+_patch_typing_override()
 
 
 class StatsMergePluginSearchPathPlugin(SearchPathPlugin):

@@ -32,6 +32,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..openclip import is_openclip_pool, load_openclip_model
 from .layers import canonical_buffers, canonical_parameters
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,8 @@ def _local_directory(modelpool, name: str) -> Optional[Path]:
         return None
     if os.path.isdir(config):
         return Path(config)
+    if os.path.isfile(config):  # a checkpoint file (e.g. an open_clip pickle), not a hub id
+        return None
     try:  # a hub id: the same resolution `CLIPVisionModelPool.load_model` performs
         from fusion_bench.utils.modelscope import resolve_repo_path
 
@@ -204,6 +207,8 @@ def _local_directory(modelpool, name: str) -> Optional[Path]:
 def load_pool_model(modelpool, name: str) -> nn.Module:
     """``modelpool.load_model(name)``; a failure names the model and its pool entry (path or id)."""
     try:
+        if is_openclip_pool(modelpool):
+            return load_openclip_model(modelpool, name)
         return modelpool.load_model(name)
     except Exception as err:  # noqa: BLE001 - OSError, SafetensorError, ValueError, ...
         config = modelpool._models.get(name) if hasattr(modelpool, "_models") else None

@@ -20,9 +20,13 @@ BLOCK_PATTERN = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
 
 
 def vision_backbone(model: nn.Module) -> nn.Module:
-    """The ``CLIPVisionTransformer`` of a ``CLIPVisionModel`` (transformers 4) or the model itself
-    (transformers 5, where ``CLIPVisionModel`` is flattened)."""
-    return model.vision_model if hasattr(model, "vision_model") else model
+    """The ``CLIPVisionTransformer`` of a ``CLIPVisionModel`` (transformers 4), the vision tower
+    ``model.model.visual`` of an open_clip ``ImageEncoder`` (FusionBench's OpenCLIP pools), or the
+    model itself (transformers 5, where ``CLIPVisionModel`` is flattened)."""
+    if hasattr(model, "vision_model"):
+        return model.vision_model
+    visual = getattr(getattr(model, "model", None), "visual", None)
+    return visual if isinstance(visual, nn.Module) else model
 
 
 def block_of(name: str) -> Optional[Tuple[int, str]]:
@@ -113,3 +117,143 @@ def call_embedding_stage(
     pre = {k[len("pre_layrnorm.") :]: v for k, v in params.items() if k.startswith("pre_layrnorm.")}
     hidden = functional_call(backbone.embeddings, emb, (pixel_values,), strict=False)
     return functional_call(backbone.pre_layrnorm, pre, (hidden,), strict=False)
+
+
+# --- open_clip (FusionBench's OpenCLIP pools) --------------------------------------------------------
+
+OPENCLIP_BLOCK_PATTERN = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
+
+
+def call_resblock(block: nn.Module, params: Mapping[str, Tensor], hidden: Tensor) -> Tensor:
+    """Run an open_clip ``ResidualAttentionBlock`` with ``params`` on batch-first ``hidden``
+    (``[N, seq, D]``). Blocks of older open_clip versions (the pickled ``task_vectors`` checkpoints)
+    are sequence-first: their ``attn.batch_first`` is False (or missing), so the input is transposed
+    for the call and the output back."""
+    seq_first = not getattr(getattr(block, "attn", None), "batch_first", False)
+    x = hidden.transpose(0, 1) if seq_first else hidden
+    out = functional_call(block, dict(params), (x,), strict=False)
+    return out.transpose(0, 1) if seq_first else out
+
+
+def call_openclip_embedding_stage(
+    stage: nn.Module, params: Mapping[str, Tensor], pixel_values: Tensor
+) -> Tensor:
+    """The input of ``transformer.resblocks[0]`` of an open_clip ``VisionTransformer``, batch-first,
+    computed with the embedding-stage parameters ``params`` (``conv1.*``, ``class_embedding``,
+    ``positional_embedding``, ``ln_pre.*``): open_clip's ``VisionTransformer._embeds`` (patchify,
+    class token, positional embedding, ``ln_pre``); patch dropout is inactive in evaluation."""
+    conv = {k[len("conv1.") :]: v for k, v in params.items() if k.startswith("conv1.")}
+    ln_pre = {k[len("ln_pre.") :]: v for k, v in params.items() if k.startswith("ln_pre.")}
+    x = functional_call(stage.conv1, conv, (pixel_values,), strict=False)  # [N, D, grid, grid]
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [N, grid**2, D]
+    cls = params["class_embedding"].to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1) + params["positional_embedding"].to(x.dtype)
+    return functional_call(stage.ln_pre, ln_pre, (x,), strict=False)
+
+
+class BlockLayout:
+    """Where a vision backbone keeps its transformer blocks and its embedding stage, and how to call
+    them: Hugging Face ``CLIPVisionModel`` (:data:`HF_CLIP_LAYOUT`) or open_clip ``ImageEncoder``
+    (:data:`OPENCLIP_LAYOUT`). Names are canonical (relative to :func:`vision_backbone`).
+
+    Args:
+        name: for messages.
+        pattern: matches a block parameter name, groups (block index, local name).
+        block_format: the prefix of block ``i``'s parameters, ``block_format.format(i)``.
+        blocks_path: attribute path of the block list on the backbone.
+        embedding_modules: backbone sub-modules of the embedding stage (copied for stage 0).
+        embedding_prefixes: canonical name prefixes of the embedding-stage parameters.
+        call_block: ``(block, params, hidden [N, seq, D]) -> [N, seq, D]``.
+        call_embedding_stage: ``(stage, params, pixels) -> block 0 input [N, seq, D]``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        pattern: "re.Pattern",
+        block_format: str,
+        blocks_path: str,
+        embedding_modules: Tuple[str, ...],
+        embedding_prefixes: Tuple[str, ...],
+        call_block,
+        call_embedding_stage,
+    ):
+        self.name = name
+        self.pattern = pattern
+        self.block_format = block_format
+        self.blocks_path = blocks_path
+        self.embedding_modules = embedding_modules
+        self.embedding_prefixes = embedding_prefixes
+        self.call_block = call_block
+        self.call_embedding_stage = call_embedding_stage
+
+    def __repr__(self) -> str:
+        return f"BlockLayout({self.name!r})"
+
+    def block_of(self, name: str) -> Optional[Tuple[int, str]]:
+        m = self.pattern.match(name)
+        return (int(m.group(1)), m.group(2)) if m else None
+
+    def block_prefix(self, index: int) -> str:
+        return self.block_format.format(index)
+
+    def group_names(self, names) -> Tuple[Dict[int, List[str]], List[str]]:
+        """``{block index: [local names]}`` and the other names (see :func:`group_names`)."""
+        blocks: Dict[int, List[str]] = {}
+        others: List[str] = []
+        for n in names:
+            b = self.block_of(n)
+            if b is None:
+                others.append(n)
+            else:
+                blocks.setdefault(b[0], []).append(b[1])
+        return {k: sorted(v) for k, v in sorted(blocks.items())}, sorted(others)
+
+    def weight_groups(self, names) -> List[List[str]]:
+        blocks, others = self.group_names(names)
+        groups = [[self.block_prefix(b) + n for n in local] for b, local in blocks.items()]
+        return groups + ([others] if others else [])
+
+    def blocks(self, backbone: nn.Module) -> nn.ModuleList:
+        module = backbone
+        for attr in self.blocks_path.split("."):
+            module = getattr(module, attr)
+        return module
+
+    def is_embedding(self, name: str) -> bool:
+        return name.startswith(self.embedding_prefixes)
+
+    def embedding_stage_modules(self, backbone: nn.Module) -> Dict[str, nn.Module]:
+        return {name: getattr(backbone, name) for name in self.embedding_modules}
+
+
+HF_CLIP_LAYOUT = BlockLayout(
+    "transformers CLIPVisionModel",
+    BLOCK_PATTERN,
+    "encoder.layers.{}.",
+    "encoder.layers",
+    ("embeddings", "pre_layrnorm"),
+    ("embeddings.", "pre_layrnorm."),
+    call_block,
+    call_embedding_stage,
+)
+
+OPENCLIP_LAYOUT = BlockLayout(
+    "open_clip VisionTransformer",
+    OPENCLIP_BLOCK_PATTERN,
+    "transformer.resblocks.{}.",
+    "transformer.resblocks",
+    ("conv1", "ln_pre"),
+    ("conv1.", "class_embedding", "positional_embedding", "ln_pre."),
+    call_resblock,
+    call_openclip_embedding_stage,
+)
+
+
+def block_layout(model: nn.Module) -> BlockLayout:
+    """The layout of ``model``'s vision backbone (an open_clip ``ImageEncoder`` or ``VisionTransformer``:
+    :data:`OPENCLIP_LAYOUT`; otherwise a Hugging Face CLIP vision model, :data:`HF_CLIP_LAYOUT`)."""
+    backbone = vision_backbone(model)
+    if hasattr(backbone, "transformer") and hasattr(backbone.transformer, "resblocks"):
+        return OPENCLIP_LAYOUT
+    return HF_CLIP_LAYOUT

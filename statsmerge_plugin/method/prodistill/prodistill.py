@@ -58,6 +58,12 @@ Deviations (numerically equivalent, cheaper; spec §1.4, §1.6, §5.13):
 - The stage-0 embedding pass uses only the small embedding-stage parameters of each fine-tuned model
   (the code keeps all fine-tuned encoders on the GPU for this step).
 
+OpenCLIP pools (FusionBench's ``OpenCLIPVisionModelPool``, the ``task_vectors`` checkpoints, which
+the official code uses): the blocks are ``model.visual.transformer.resblocks[l]`` of the
+``ImageEncoder`` (sequence-first in older open_clip versions, handled), the embedding stage is
+``conv1``, class token, positional embedding and ``ln_pre``, images go through the encoders'
+``val_preprocess``; see :mod:`statsmerge_plugin.method.openclip` and ``docs/prodistill.md``.
+
 Reliability (issue 12): options, output locations, the few-shot data sources (never a test set, see
 :class:`~statsmerge_plugin.data.TestSplitGuard`) and every model are checked before any training;
 every step's loss must be finite (the error names the block and the step) and so must every merged
@@ -102,6 +108,7 @@ from ...validation import (
     check_positive,
     check_same_groups,
 )
+from ..openclip import is_openclip_pool, openclip_processor
 from .activations import (
     CACHE_PLACEMENTS,
     DualStreamCache,
@@ -111,15 +118,13 @@ from .activations import (
 )
 from .block_io import WeightReader, load_pool_model, make_reader
 from .layers import (
-    block_prefix,
-    call_block,
-    call_embedding_stage,
+    HF_CLIP_LAYOUT,
+    BlockLayout,
+    block_layout,
     canonical_buffers,
     canonical_parameters,
     empty_block_like,
-    group_names,
     vision_backbone,
-    weight_groups,
 )
 from .merge import LOSS_REDUCTIONS, block_loss, init_coefficients, merge_elementwise
 from .merge import task_arithmetic as task_arithmetic_merge
@@ -175,6 +180,9 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
         ValueError: at construction for an invalid option (the message names the option), and in
             :meth:`run`, before any training, for a bad pool (see :meth:`validate_pool`).
     """
+
+    #: where the blocks and the embedding stage live (set from the pool's models in :meth:`run`)
+    _layout: BlockLayout = HF_CLIP_LAYOUT
 
     def __init__(
         self,
@@ -253,17 +261,18 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
                 and parameter for a missing/unexpected parameter or a shape mismatch, and the model
                 and parameter for NaN/inf values.
         """
-        ref_blocks, _ = group_names(reference)
+        layout = self._layout
+        ref_blocks, _ = layout.group_names(reference)
         if not ref_blocks:
             raise ValueError(
-                f"model {PRETRAINED!r} has no `encoder.layers.<l>.*` parameters: not a CLIP vision "
-                "model?"
+                f"model {PRETRAINED!r} has no `{layout.block_prefix('<l>')}*` parameters: not a "
+                f"CLIP vision model ({layout.name})?"
             )
         for name, reader in readers.items():
-            blocks, _ = group_names(reader.shapes())
+            blocks, _ = layout.group_names(reader.shapes())
             check_same_groups(PRETRAINED, ref_blocks, name, blocks, what="block")
         # shapes, then NaN/inf: stream every model block by block (never a whole model at once).
-        groups = weight_groups(reference)
+        groups = layout.weight_groups(reference)
         for name, reader in readers.items():
             check_model_weights(PRETRAINED, reference, name, reader, groups)
         return ref_blocks
@@ -277,16 +286,20 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
 
         Args:
             modelpool: a ``CLIPVisionModelPool`` with ``_pretrained_``, the task models, a processor
-                and ``val`` or ``train`` datasets for every task.
+                and ``val`` or ``train`` datasets for every task; or an ``OpenCLIPVisionModelPool``
+                (open_clip ``ImageEncoder`` models, e.g. the ``task_vectors`` checkpoints), whose
+                images are processed with the encoders' ``val_preprocess``.
 
         Returns:
             The merged ``CLIPVisionModel`` (task arithmetic outside the blocks, distilled blocks).
         """
         self.check_options()
-        if not isinstance(modelpool, BaseModelPool) or not hasattr(modelpool, "load_processor"):
+        if not isinstance(modelpool, BaseModelPool) or not (
+            hasattr(modelpool, "load_processor") or is_openclip_pool(modelpool)
+        ):
             raise TypeError(
                 "ProDistillForCLIP needs a CLIPVisionModelPool (models, processor and val/train "
-                f"datasets), got {type(modelpool).__name__}"
+                f"datasets) or an OpenCLIPVisionModelPool, got {type(modelpool).__name__}"
             )
         check_pool_models(modelpool, min_models=1 if self.allow_single_task else 2)
         tasks = list(modelpool.model_names)
@@ -317,6 +330,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
             if isinstance(modelpool._models[PRETRAINED], nn.Module):
                 merged_model = _copy_module(merged_model)
             backbone = vision_backbone(merged_model)
+            self._layout = layout = block_layout(merged_model)
             out_params = canonical_parameters(merged_model)
             reference = {n: tuple(p.shape) for n, p in out_params.items()}
             buffer_names = list(canonical_buffers(merged_model))
@@ -330,7 +344,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
             for name, source in self._sources.items():
                 log.info(f"model {name!r}: block-wise reads from {source}")
             ref_blocks = self.validate_pool(reference, readers)
-            _, other_names = group_names(reference)
+            _, other_names = layout.group_names(reference)
 
         with self.profile("few-shot data"):
             images = self._few_shot_images(modelpool, tasks)
@@ -347,8 +361,10 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
 
         # --- stage 0: dual inputs (spec §1.3) -------------------------------------------------
         with self.profile("stage 0: embeddings"):
+            first_block = next(iter(ref_blocks))
             block_numel = sum(
-                out_params[block_prefix(0) + n].numel() for n in next(iter(ref_blocks.values()))
+                out_params[layout.block_prefix(first_block) + n].numel()
+                for n in ref_blocks[first_block]
             )
             cache = self._stage0(
                 backbone, images, ta_other, task_other, device, scratch, block_numel
@@ -366,10 +382,10 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
         generator = torch.Generator().manual_seed(self.seed)
         merged_dir = scratch / "merged_blocks"
         merged_dir.mkdir(parents=True, exist_ok=True)
-        layers = backbone.encoder.layers
+        layers = layout.blocks(backbone)
         try:
             for index, local_names in ref_blocks.items():
-                template = empty_block_like(layers[index], merged_model.config)
+                template = empty_block_like(layers[index], getattr(merged_model, "config", None))
                 if template is None:  # cannot build an empty block: copy the pretrained one
                     template = self.to_device(_copy_module(layers[index]))
                 record = self._distill_block(
@@ -377,7 +393,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
                 )
                 check_finite(  # nothing non-finite is kept, saved or evaluated
                     "ProDistill merged model",
-                    {block_prefix(index) + n: v for n, v in record["merged"].items()},
+                    {layout.block_prefix(index) + n: v for n, v in record["merged"].items()},
                 )
                 # Like the official code, finished blocks go to disk, not into the output model:
                 # writing into it now would make its (lazily mapped) weights resident one block
@@ -413,7 +429,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
             for index, local_names in ref_blocks.items():
                 merged = load_file(str(merged_dir / f"block_{index:03d}.safetensors"))
                 for n, value in merged.items():
-                    p = out_params[block_prefix(index) + n]
+                    p = out_params[layout.block_prefix(index) + n]
                     p.copy_(value.to(p.device, p.dtype))
                 del merged
         shutil.rmtree(merged_dir, ignore_errors=True)
@@ -426,7 +442,11 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
     def _few_shot_images(self, modelpool, tasks: List[str]) -> List[UnlabelledImages]:
         """The few-shot images of every task (spec §1.1), processed lazily (stage 0 streams them in
         batches); all counts are checked first."""
-        processor = modelpool.load_processor()
+        processor = (
+            openclip_processor(modelpool)
+            if is_openclip_pool(modelpool)
+            else modelpool.load_processor()
+        )
         images = [
             held_out_images(
                 modelpool,
@@ -450,22 +470,29 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
         The images are processed and embedded batch by batch (never all pixels at once); the
         cache goes where :func:`~.activations.cache_placement` says.
         """
-        emb_names = [n for n in ta_other if n.startswith(("embeddings.", "pre_layrnorm."))]
+        layout = self._layout
+        emb_names = [n for n in ta_other if layout.is_embedding(n)]
         counts = [len(im) for im in images]
         stages = {
-            "embeddings": self.to_device(_copy_module(backbone.embeddings)),
-            "pre_layrnorm": self.to_device(_copy_module(backbone.pre_layrnorm)),
+            name: self.to_device(_copy_module(module))
+            for name, module in layout.embedding_stage_modules(backbone).items()
         }
         stage = _Stage(stages)
         student_params = {n: self.to_device(ta_other[n]) for n in emb_names}
-        first = call_embedding_stage(stage, student_params, self.to_device(images[0][0][None]))
+        embed = layout.call_embedding_stage
+        first = embed(stage, student_params, self.to_device(images[0][0][None]))
         cache = DualStreamCache(
             sum(counts),
             first.shape[1],
             first.shape[2],
             stack_task_ids(counts),
             placement=self._placement(
-                sum(counts), first.shape, block_numel, len(images), device, backbone.config
+                sum(counts),
+                first.shape,
+                block_numel,
+                len(images),
+                device,
+                getattr(backbone, "config", None),
             ),
             device=device,
             directory=scratch / "activations",
@@ -477,8 +504,8 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
             for pixels in loader:
                 chunk = torch.arange(offset, offset + len(pixels))
                 x = self.to_device(pixels)
-                cache.scatter("student", chunk, call_embedding_stage(stage, student_params, x))
-                cache.scatter("teacher", chunk, call_embedding_stage(stage, teacher_params, x))
+                cache.scatter("student", chunk, embed(stage, student_params, x))
+                cache.scatter("teacher", chunk, embed(stage, teacher_params, x))
                 offset += len(pixels)
         return cache
 
@@ -517,21 +544,23 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
         """Train block ``index``'s coefficients, then propagate both streams (spec §1.4)."""
         reset_cuda_peak(device)
         t_block = time.perf_counter()
-        names = [block_prefix(index) + n for n in local_names]
+        layout = self._layout
+        call_block = layout.call_block
+        names = [layout.block_prefix(index) + n for n in local_names]
         template.eval()
         for p in template.parameters():
             p.requires_grad_(False)
 
         # 1. weights of this block only: θ0, then for each task θ_i → τ_i and the teacher pass
         with self.profile("load block + teacher pass"):
-            base = _local(self.to_device_all(readers[PRETRAINED].read(names)), index)
+            base = _local(self.to_device_all(readers[PRETRAINED].read(names)), index, layout)
             tau = {
                 n: torch.empty((len(tasks),) + tuple(p.shape), device=p.device)
                 for n, p in base.items()
             }
             with torch.no_grad():
                 for i, task in enumerate(tasks):
-                    theta = _local(self.to_device_all(readers[task].read(names)), index)
+                    theta = _local(self.to_device_all(readers[task].read(names)), index, layout)
                     for n in local_names:
                         tau[n][i] = theta[n] - base[n]
                     # teacher stream: own fine-tuned block, computed once (it does not depend on α);
@@ -629,7 +658,7 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
         merged = merge_elementwise(base, tau, coefficients)
         total = 0.0
         for chunk in cache.chunks(torch.arange(len(cache)), self.batch_size):
-            out = call_block(template, merged, cache.gather("student", chunk))
+            out = self._layout.call_block(template, merged, cache.gather("student", chunk))
             total += float(block_loss(out, cache.gather("teacher", chunk), "sum"))
         return total / len(cache)
 
@@ -674,7 +703,8 @@ class ProDistillForCLIP(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
 
 
 class _Stage(nn.Module):
-    """Holds copies of ``embeddings`` and ``pre_layrnorm`` under their backbone names."""
+    """Holds copies of the embedding-stage modules (``embeddings`` and ``pre_layrnorm``; open_clip:
+    ``conv1`` and ``ln_pre``) under their backbone names."""
 
     def __init__(self, modules: Dict[str, nn.Module]):
         super().__init__()
@@ -688,8 +718,10 @@ def _copy_module(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module)
 
 
-def _local(tensors: Dict[str, Tensor], index: int) -> Dict[str, Tensor]:
-    prefix = block_prefix(index)
+def _local(
+    tensors: Dict[str, Tensor], index: int, layout: BlockLayout = HF_CLIP_LAYOUT
+) -> Dict[str, Tensor]:
+    prefix = layout.block_prefix(index)
     return {n[len(prefix) :]: t for n, t in tensors.items()}
 
 

@@ -57,6 +57,7 @@ from statsmerge_plugin.data import (
     resolve_held_out_source,
     stack_images,
 )
+from statsmerge_plugin.method.openclip import OpenCLIPSupportMixin, load_classification_heads
 from statsmerge_plugin.method.prodistill.block_io import load_pool_model, open_reader
 from statsmerge_plugin.method.prodistill.layers import (
     canonical_buffers,
@@ -135,8 +136,12 @@ def fresh_dir(parent: Path, name: str) -> Path:
 
 
 @auto_register_config
-class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgorithm):
-    """StatsMerging for CLIP vision models (FusionBench ``CLIPVisionModelPool``).
+class StatsMergingForCLIP(
+    OpenCLIPSupportMixin, CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgorithm
+):
+    """StatsMerging for CLIP vision models: FusionBench's ``CLIPVisionModelPool`` (Hugging Face CLIP)
+    or ``OpenCLIPVisionModelPool`` (open_clip ``ImageEncoder``s with the pool's classification heads,
+    e.g. the ``task_vectors`` checkpoints; see :mod:`statsmerge_plugin.method.openclip`).
 
     Args:
         granularity: ``layer_wise`` (one coefficient per task and parameter tensor) or ``task_wise``
@@ -291,7 +296,10 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
         tasks = list(modelpool.model_names)
         # --- every check before any long work: pool, tasks, data sources, outputs, models --------
         check_pool_models(modelpool)
-        check_task_classnames(tasks)
+        if self.is_openclip:  # heads come from the pool: every task has one, and it loads
+            load_classification_heads(modelpool, tasks)
+        else:
+            check_task_classnames(tasks)
         guard = TestSplitGuard(modelpool, getattr(self._program, "taskpool", None))
         for t in tasks:
             resolve_held_out_source(modelpool, t, self.data_source, guard)
@@ -652,7 +660,7 @@ class StatsMergingForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlgo
         merged = target.model(learner(learner_features))
         batch = {t: self.to_device(images[t][idx]) for t, idx in batches.items()}
         logits = task_logits(
-            lambda x: merged(x)[1],
+            lambda x: self.image_embeds(merged, x),
             lambda t, embeds: self.compute_logits(None, None, t, image_embeds=embeds),
             batch,
             one_forward=one_forward,
