@@ -6,6 +6,18 @@ from ``os.wait4``). A method that fails is reported as failed; the others still 
 markdown table (per task, average, normalized accuracy = merged / individual, per task then averaged),
 a JSON file and a bar chart PNG, written side by side.
 
+Protocols with task groups are detected from the composed configs, and each group's average is reported
+next to the per-task accuracies:
+
+* generalization (FusionBench's ``clip-vit-base-patch32_generalization_exp1/2`` pools, the mini
+  ``mini-clip_generalization_exp1/2`` pools and task pools): task-pool tasks with a model in the model
+  pool are *seen*, the others *unseen* (evaluated with their zero-shot heads);
+* robustness (the mini task pool ``mini-clip_robustness``): keys ``<task>__<corruption>`` are the test
+  sets under that corruption; *clean*, one group per corruption, and *corrupted* (all corrupted sets).
+
+"Individual" runs each task's own model on its own task pool keys (clean and corrupted); unseen tasks
+have no model, so its average and the normalized accuracy are over the seen tasks.
+
 Example::
 
     statsmerge-leaderboard --methods pretrained,individual,simple_average,task_arithmetic,ties,\\
@@ -25,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
+
+from statsmerge_plugin.mini.corruptions import CORRUPTIONS, split_key
 
 # name -> (label, fusion_bench overrides, note). Our methods take `method.seed`; all take `seed`.
 METHODS: Dict[str, tuple] = {
@@ -151,6 +165,46 @@ def last_error_line(log_file: Path) -> str:
     return (errors or lines or ["no output"])[-1][:300]
 
 
+def base_task(key: str) -> str:
+    """The task a task-pool key evaluates: ``mini_gtsrb__spatter`` -> ``mini_gtsrb``."""
+    return split_key(key)[0]
+
+
+def task_groups(tasks: Sequence[str], model_names: Sequence[str] = ()) -> Dict[str, List[str]]:
+    """Groups of task-pool keys whose averages are reported separately (empty: no protocol groups).
+
+    * ``seen`` / ``unseen``: keys whose task has / has no model in the model pool (only when some
+      task has none: the generalization protocol);
+    * ``clean``, ``<corruption>`` for each corruption present, ``corrupted`` (all corrupted keys): when
+      some key is ``<task>__<corruption>`` (the robustness protocol).
+    """
+    groups: Dict[str, List[str]] = {}
+    if model_names:
+        seen = [t for t in tasks if base_task(t) in set(model_names)]
+        if len(seen) < len(tasks):
+            groups["seen"] = seen
+            groups["unseen"] = [t for t in tasks if t not in seen]
+    corrupted = {t: split_key(t)[1] for t in tasks if split_key(t)[1] is not None}
+    if corrupted:
+        groups["clean"] = [t for t in tasks if t not in corrupted]
+        for c in CORRUPTIONS:
+            if c in corrupted.values():
+                groups[c] = [t for t in tasks if corrupted.get(t) == c]
+        groups["corrupted"] = [t for t in tasks if t in corrupted]
+    return groups
+
+
+def individual_runs(tasks: Sequence[str], model_names: Sequence[str]) -> Dict[str, List[str]]:
+    """For "individual": each model's task -> the task-pool keys it is evaluated on (its own task,
+    clean and corrupted). Tasks without a model (unseen) are left out."""
+    runs: Dict[str, List[str]] = {}
+    for key in tasks:
+        task = base_task(key)
+        if not model_names or task in model_names:
+            runs.setdefault(task, []).append(key)
+    return runs
+
+
 def task_accuracies(report: dict) -> Dict[str, float]:
     return {
         k: float(v["accuracy"])
@@ -178,9 +232,14 @@ class Leaderboard:
             self.method_overrides.setdefault(name, []).append(override)
 
     def tasks(self) -> List[str]:
-        """Task names of the task pool, from Hydra's composed config (no model is loaded)."""
+        """Task names of the task pool (see :meth:`composed_pools`)."""
+        return self.composed_pools()[0]
+
+    def composed_pools(self) -> tuple:
+        """(task pool keys, model pool model names), from Hydra's composed config (no model is
+        loaded, no interpolation resolved)."""
         cmd = fusion_bench_command(
-            self.args.python, [*self.common, "--cfg", "job", "-p", "taskpool"], self.args.config_dir
+            self.args.python, [*self.common, "--cfg", "job"], self.args.config_dir
         )
         proc = subprocess.run(
             cmd,
@@ -195,7 +254,10 @@ class Leaderboard:
             )
         from omegaconf import OmegaConf
 
-        return list(OmegaConf.create(proc.stdout).test_datasets.keys())
+        job = OmegaConf.create(proc.stdout)
+        models = (job.modelpool.get("models") or {}) if "modelpool" in job else {}
+        names = [m for m in models if not (str(m).startswith("_") and str(m).endswith("_"))]
+        return list(job.taskpool.test_datasets.keys()), names
 
     def run_one(self, method: str, seed: int, overrides: List[str], tag: str) -> RunResult:
         log_dir = (self.runs_dir / tag).resolve()
@@ -229,7 +291,9 @@ class Leaderboard:
             result.accuracy = task_accuracies(json.loads(report_file.read_text()))
         return result
 
-    def run_method(self, method: str, seed: int, tasks: List[str]) -> RunResult:
+    def run_method(
+        self, method: str, seed: int, tasks: List[str], model_names: Sequence[str] = ()
+    ) -> RunResult:
         _, overrides, _ = METHODS[method]
         overrides = list(overrides) + self.method_overrides.get(method, [])
         if method in OUR_METHODS:
@@ -237,8 +301,9 @@ class Leaderboard:
         if method != "individual":
             return self.run_one(method, seed, overrides, f"{method}_seed{seed}")
         total = RunResult(method, seed)
-        for task in tasks:  # each fine-tuned model, evaluated on its own task only
-            others = [f"~taskpool.test_datasets.{t}" for t in tasks if t != task]
+        # each fine-tuned model, evaluated on its own task only (clean and corrupted test sets)
+        for task, keys in individual_runs(tasks, model_names).items():
+            others = [f"~taskpool.test_datasets.{t}" for t in tasks if t not in keys]
             one = self.run_one(
                 method,
                 seed,
@@ -250,16 +315,16 @@ class Leaderboard:
             total.peak_rss_mb = max(total.peak_rss_mb, one.peak_rss_mb)
             if one.status != "ok":
                 return one
-            total.accuracy[task] = one.accuracy[task]
+            total.accuracy.update({k: one.accuracy[k] for k in keys})
         return total
 
     def run(self) -> dict:
-        tasks = self.tasks()
+        tasks, model_names = self.composed_pools()
         results: List[RunResult] = []
         for method in self.args.methods:
             for seed in self.args.seeds:
                 print(f"[leaderboard] {method} (seed {seed}) ...", flush=True)
-                r = self.run_method(method, seed, tasks)
+                r = self.run_method(method, seed, tasks, model_names)
                 msg = (
                     f"avg {100 * statistics.mean(r.accuracy.values()):.1f}"
                     if r.status == "ok"
@@ -270,15 +335,28 @@ class Leaderboard:
                     flush=True,
                 )
                 results.append(r)
-        return summarize(results, tasks, self.args.methods)
+        return summarize(results, tasks, self.args.methods, model_names)
 
 
-def summarize(results: List[RunResult], tasks: List[str], methods: Sequence[str]) -> dict:
-    """Mean (and std over seeds) per method; normalized accuracy against the individual models."""
+def summarize(
+    results: List[RunResult],
+    tasks: List[str],
+    methods: Sequence[str],
+    model_names: Sequence[str] = (),
+) -> dict:
+    """Mean (and std over seeds) per method and per task group (:func:`task_groups`); normalized
+    accuracy against the individual models (over the tasks they cover)."""
+    groups = task_groups(tasks, model_names)
     rows = {}
     for method in methods:
         runs = [r for r in results if r.method == method]
-        ok = [r for r in runs if r.status == "ok" and all(t in r.accuracy for t in tasks)]
+        covered = (
+            [t for keys in individual_runs(tasks, model_names).values() for t in keys]
+            if method == "individual"
+            else list(tasks)
+        )
+        covered = [t for t in tasks if t in covered]
+        ok = [r for r in runs if r.status == "ok" and all(t in r.accuracy for t in covered)]
         row = {
             "label": METHODS[method][0],
             "note": METHODS[method][2],
@@ -291,10 +369,15 @@ def summarize(results: List[RunResult], tasks: List[str], methods: Sequence[str]
             "peak_rss_mb": max((r.peak_rss_mb for r in runs), default=None),
         }
         if ok:
-            row["accuracy"] = {t: statistics.mean(r.accuracy[t] for r in ok) for t in tasks}
-            averages = [statistics.mean(r.accuracy[t] for t in tasks) for r in ok]
+            row["accuracy"] = {t: statistics.mean(r.accuracy[t] for r in ok) for t in covered}
+            averages = [statistics.mean(r.accuracy[t] for t in covered) for r in ok]
             row["average"] = statistics.mean(averages)
             row["average_std"] = statistics.stdev(averages) if len(averages) > 1 else 0.0
+            row["group_average"] = {
+                name: statistics.mean(row["accuracy"][t] for t in keys)
+                for name, keys in groups.items()
+                if keys and all(t in row["accuracy"] for t in keys)
+            }
         rows[method] = row
     individual = rows.get("individual", {}).get("accuracy")
     if individual:
@@ -302,10 +385,12 @@ def summarize(results: List[RunResult], tasks: List[str], methods: Sequence[str]
             if "accuracy" in row:
                 row["normalized"] = statistics.mean(
                     row["accuracy"][t] / individual[t] if individual[t] > 0 else float("nan")
-                    for t in tasks
+                    for t in individual
                 )
     return {
         "tasks": tasks,
+        "model_names": list(model_names),
+        "groups": groups,
         "methods": rows,
         "runs": [asdict(r) for r in results],
         "shape": shape_figures(rows),
@@ -371,7 +456,7 @@ def markdown(summary: dict, command: str, header: str = "") -> str:
     ]
     for method, row in summary["methods"].items():
         if "accuracy" in row:
-            cells = [pct(row["accuracy"][t]) for t in tasks]
+            cells = [pct(row["accuracy"].get(t)) for t in tasks]
             avg = pct(row["average"]) + (
                 f" ± {100 * row['average_std']:.1f}" if row.get("average_std") else ""
             )
@@ -386,7 +471,34 @@ def markdown(summary: dict, command: str, header: str = "") -> str:
             + " | ".join(cells)
             + f" | {avg} | {norm} | {time_s} | {rss} | {note} |"
         )
+    if summary.get("groups"):
+        lines += ["", group_markdown(summary)]
     lines += ["", f"Command: `{command}`", ""]
+    return "\n".join(lines)
+
+
+GROUP_LABELS = {
+    "seen": "Seen tasks",
+    "unseen": "Unseen tasks",
+    "clean": "Clean",
+    "corrupted": "Corrupted (mean)",
+}
+
+
+def group_markdown(summary: dict) -> str:
+    """One row per method, one column per task group average (seen / unseen, clean / corruptions)."""
+    groups = summary["groups"]
+    names = list(groups)
+    head = [GROUP_LABELS.get(g, g.replace("_", " ").capitalize()) for g in names]
+    lines = ["Averages per task group (accuracy %):", ""]
+    if "unseen" in groups:
+        unseen = ", ".join(t.removeprefix("mini_") for t in groups["unseen"])
+        lines += [f"Unseen tasks (no model in the pool, zero-shot heads): {unseen}.", ""]
+    lines += ["| Method | " + " | ".join(head) + " |", "|---" * (len(names) + 1) + "|"]
+    for row in summary["methods"].values():
+        averages = row.get("group_average", {})
+        cells = [pct(averages.get(g)) for g in names]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

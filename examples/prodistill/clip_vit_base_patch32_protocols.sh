@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# ProDistill under FusionBench's other two protocols on CLIP ViT-B/32, on a GPU:
+#  * generalization (exp1, exp2): six merged tasks, two unseen tasks evaluated with their zero-shot
+#    heads (FusionBench's clip-vit-base-patch32_generalization_exp1/2 pools plus validation splits);
+#  * robustness: the clean test sets of Cars, EuroSAT, RESISC45, GTSRB, then each of FusionBench's
+#    seven corrupted test sets (ProDistill reads the clean val splits; only the evaluation changes).
+# Time and memory per run: at most the eight-task run's (clip_vit_base_patch32_TA8.sh): six or four
+# task models instead of eight.
+#
+# Usage: bash examples/prodistill/clip_vit_base_patch32_protocols.sh [extra Hydra overrides]
+set -euo pipefail
+
+for exp in exp1 exp2; do
+    fusion_bench \
+        fabric.loggers.name=prodistill/ViT-B-32_generalization_${exp} \
+        method=prodistill \
+        modelpool=CLIPVisionModelPool/clip-vit-base-patch32_generalization_${exp}_val \
+        taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8 \
+        report_save_path=outputs/prodistill/ViT-B-32_generalization_${exp}.json \
+        "$@"
+done
+
+fusion_bench \
+    fabric.loggers.name=prodistill/ViT-B-32_robustness_clean \
+    method=prodistill \
+    modelpool=CLIPVisionModelPool/clip-vit-base-patch32_robustness_clean_val \
+    taskpool=clip-vit-base-patch32_robustness_clean \
+    report_save_path=outputs/prodistill/ViT-B-32_robustness_clean.json \
+    "$@"
+
+for corruption in motion_blur impulse_noise gaussian_noise pixelate spatter contrast jpeg_compression; do
+    fusion_bench --config-name clip-vit-base-patch32_robustness_corrupted \
+        corruption=${corruption} \
+        fabric.loggers.name=prodistill/ViT-B-32_robustness_${corruption} \
+        method=prodistill \
+        modelpool=CLIPVisionModelPool/clip-vit-base-patch32_robustness_corrupted_val \
+        report_save_path=outputs/prodistill/ViT-B-32_robustness_${corruption}.json \
+        "$@"
+done

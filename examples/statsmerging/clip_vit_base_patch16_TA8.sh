@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# StatsMerging on FusionBench's CLIP ViT-B/16 eight-task pool (SUN397, Cars, RESISC45, EuroSAT, SVHN,
+# GTSRB, MNIST, DTD), on a GPU. FusionBench downloads the checkpoints and datasets on first use.
+# The `_val` model pool is FusionBench's pool plus its validation splits, where StatsMerging draws its
+# unlabelled images (the test splits are only evaluated, by the task pool).
+#
+# Time and memory: Not measured. Projection: ViT-B/16 has ViT-B/32's weights (86-87 M parameters) but 197 instead of
+# 50 tokens per image, so the activations of a step's 32 images grow about 4x (1.3 GiB -> ~5 GiB):
+# roughly 10 GB peak (projection, not a measurement); time per step several times B/32's.
+#
+# Usage: bash examples/statsmerging/clip_vit_base_patch16_TA8.sh [extra Hydra overrides, e.g. method.seed=1]
+set -euo pipefail
+
+fusion_bench \
+    fabric.loggers.name=statsmerging/ViT-B-16_TA8 \
+    method=statsmerging \
+    modelpool=CLIPVisionModelPool/clip-vit-base-patch16_TA8_val \
+    taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8_B16 \
+    report_save_path=outputs/statsmerging/ViT-B-16_TA8.json \
+    "$@"
