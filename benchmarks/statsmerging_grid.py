@@ -419,6 +419,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--grid", default="smoke", help="grid name(s), comma-separated (see --list)")
     p.add_argument("--list", action="store_true", help="print the grids and their settings")
+    p.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help='an extra setting, e.g. --setting \'free lr 0.05={"learner": "free", "lr": 0.05}\' '
+        "(repeatable; with --grid none only these run)",
+    )
     p.add_argument("--seeds", default="0,1,2", help="method seeds, comma-separated")
     p.add_argument("--root", help="a mini build directory (default: the ${mini_clip:} build)")
     p.add_argument(
@@ -453,10 +461,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def select_settings(args) -> Dict[str, dict]:
     grids = named_grids()
     settings: Dict[str, dict] = {}
-    for name in [g.strip() for g in args.grid.split(",") if g.strip()]:
+    for name in [g.strip() for g in args.grid.split(",") if g.strip() and g.strip() != "none"]:
         if name not in grids:
             raise SystemExit(f"unknown grid {name!r}; known: {', '.join(grids)}")
         settings |= grids[name]
+    for item in args.setting:
+        name, sep, value = item.partition("=")
+        try:
+            options = json.loads(value) if sep and name.strip() else None
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"--setting {item!r}: the options are not JSON ({err})")
+        if not isinstance(options, dict):
+            raise SystemExit(f"--setting {item!r}: expected NAME={{JSON object of options}}")
+        settings[name.strip()] = options
     if not settings:
         raise SystemExit("--grid: no setting selected")
     return settings

@@ -225,6 +225,32 @@ def test_learner_shapes_and_softmax_over_tasks(mode):
         torch.testing.assert_close(coef, torch.full((K, L), 1 / K))
 
 
+@pytest.mark.parametrize("mode", ["shared", "per_tensor"])
+@pytest.mark.parametrize("output_norm", ["softmax", "none"])
+def test_zero_init_output_starts_at_the_free_tables_merge_and_still_learns(mode, output_norm):
+    K, L, D = 4, 7, 6
+    torch.manual_seed(0)
+    feats = torch.randn(L, D) if mode == "per_tensor" else torch.randn(K, L, D) * 10
+    kwargs = dict(hidden_dim=16, output_norm=output_norm, init_scale=2.4)
+    free = StatsMergeLearner(K, L, D, mode="free", **kwargs)(feats)
+    zero = StatsMergeLearner(K, L, D, mode=mode, zero_init_output=True, **kwargs)
+    torch.testing.assert_close(zero(feats), free)  # 2.4 / K everywhere
+    assert not torch.allclose(StatsMergeLearner(K, L, D, mode=mode, **kwargs)(feats), free)
+    reference = StatsMergeLearner(K, L, D, mode="free", **kwargs)
+    with torch.no_grad():
+        reference.logits.normal_()
+        target = reference(feats)  # a table this parameterisation can reach
+    opt = torch.optim.Adam(zero.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        loss = (zero(feats) - target).pow(2).mean()
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first  # the zeroed output layer does not freeze the learner
+
+
 def test_shared_learner_is_equivariant_to_task_order():
     torch.manual_seed(0)
     learner = StatsMergeLearner(3, 5, 6, mode="shared", hidden_dim=16)

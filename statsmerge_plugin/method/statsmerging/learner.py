@@ -113,6 +113,12 @@ class StatsMergeLearner(nn.Module):
         scale: ``fixed`` (coefficients times ``init_scale``) or ``learned`` (a learned overall scale
             starting at ``init_scale``).
         init_scale: the overall scale s (> 0); 1 with softmax is the paper's convex merge.
+        zero_init_output: zero the output layer's weights of the ``shared`` / ``per_tensor`` MLP (and
+            the ``shared`` bias), so that every logit starts at 0 (``per_tensor``: at ``out_bias``)
+            and the learner starts exactly at the base merge the free table starts at (simple
+            averaging times ``s``); training still moves the logits through the output weights. Off: the
+            default initialisation (the paper leaves it open; the official code's Xavier weights),
+            under which the first merge is a random function of the statistics.
     """
 
     def __init__(
@@ -126,6 +132,7 @@ class StatsMergeLearner(nn.Module):
         out_bias: float = 0.0,
         scale: str = "fixed",
         init_scale: float = 1.0,
+        zero_init_output: bool = False,
     ):
         super().__init__()
         for option, value, choices in (
@@ -146,10 +153,18 @@ class StatsMergeLearner(nn.Module):
         elif mode == "per_tensor":
             self.mlp = PerTensorMLPs(num_tensors, in_features, hidden_dim, num_tasks, out_bias)
         else:
+            zero_init_output = False  # the free table starts at zero logits anyway
             self.logits = nn.Parameter(torch.zeros(num_tasks, num_tensors))
         self.log_scale = (
             nn.Parameter(torch.tensor(math.log(init_scale))) if scale == "learned" else None
         )
+        if zero_init_output:
+            with torch.no_grad():
+                if mode == "shared":
+                    self.mlp[-1].weight.zero_()
+                    self.mlp[-1].bias.zero_()
+                else:
+                    self.mlp.weights[-1].zero_()
 
     def expected_feature_shape(self) -> tuple[int, ...]:
         if self.mode == "per_tensor":

@@ -161,6 +161,9 @@ class StatsMergingForCLIP(
         scale: ``fixed`` (coefficients times ``init_scale``) or ``learned`` (an overall scale learned
             from ``init_scale``, with its own learning rate ``scale_lr``).
         init_scale: the (initial) overall scale; 1 with softmax is the paper's convex merge.
+        zero_init_output: start the ``shared`` / ``per_tensor`` MLP at zero logits (its output layer's
+            weights zeroed), i.e. exactly at the merge the free table starts at; off: the default
+            (random) initialisation of the paper and the official code.
         loss: ``ce_hard`` (teacher pseudo-labels) or ``kl_soft``.
         temperature: temperature of ``kl_soft``.
         task_weighting: ``sum`` (paper), ``relative`` (each task's loss over its value at the start)
@@ -204,6 +207,7 @@ class StatsMergingForCLIP(
         output_norm: str = "softmax",
         scale: str = "fixed",
         init_scale: float = 1.0,
+        zero_init_output: bool = False,
         loss: str = "ce_hard",
         temperature: float = 1.0,
         task_weighting: str = "sum",
@@ -268,6 +272,7 @@ class StatsMergingForCLIP(
                 f"invalid value {self.selection_fraction!r} for option `selection_fraction`: "
                 "expected a fraction in (0, 1)"
             )
+        check_bool("zero_init_output", self.zero_init_output)
         check_bool("save_outputs", self.save_outputs)
         check_bool("overwrite", self.overwrite)
         if self.learner == "per_tensor" and self.stats_source != "task_vector":
@@ -506,6 +511,7 @@ class StatsMergingForCLIP(
             ),
             scale=self.scale,
             init_scale=self.init_scale,
+            zero_init_output=self.zero_init_output,
         )
 
     def train_learner(
