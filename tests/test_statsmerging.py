@@ -404,6 +404,139 @@ def test_one_merged_forward_gives_the_loss_and_gradients_of_one_forward_per_task
     assert any(g.abs().sum() > 0 for g in grads1)
 
 
+class LiveSavedBytes:
+    """The largest total size of the tensors autograd holds for backward at any one time (each
+    storage once), while active: a saved tensor counts until autograd releases it."""
+
+    def __init__(self):
+        self.live, self.peak, self.counted = 0, 0, {}
+
+    def pack(self, tensor):
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self.counted:
+            self.counted[ptr] = storage.nbytes()
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        return Holder(tensor, self, ptr)
+
+    def release(self, ptr):
+        self.live -= self.counted.pop(ptr, 0)
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda h: h.tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+class Holder:
+    def __init__(self, tensor, owner, ptr):
+        self.tensor, self.owner, self.ptr = tensor, owner, ptr
+
+    def __del__(self):
+        self.owner.release(self.ptr)
+
+
+def test_backward_task_by_task_gives_the_gradient_of_one_backward_and_holds_one_tasks_activations(
+    tiny_pool, monkeypatch
+):
+    """The training step (``distillation_backward``) back-propagates task by task through merged
+    tensors built once: the same objective and learner gradient as one backward of the summed
+    objective through the differentiable merge, with the saved activations of one task at a time
+    (one backward of all tasks holds all of them), whatever the grouping; no merged tensor keeps
+    a gradient."""
+    alg, tasks, target, images, feats, teacher = prepared(tiny_pool)
+    features = alg.learner_features(target.task_vectors, feats, target.names)
+    batches = {t: torch.tensor([3, 0, 5, 1]) for t in tasks}
+    start = {t: 0.5 + k for k, t in enumerate(tasks)}
+    alg.task_weighting = "relative"  # each task's part divided by its own start loss
+
+    import statsmerge_plugin.method.statsmerging.statsmerging as module
+
+    tracker = LiveSavedBytes()
+
+    class Tracked(module.SavedActivations):  # the method's own (inner) hooks report to tracker
+        def _pack(self, tensor):
+            super()._pack(tensor)
+            return tracker.pack(tensor)
+
+        def _unpack(self, holder):
+            return holder.tensor
+
+    monkeypatch.setattr(module, "SavedActivations", Tracked)
+
+    def learner_and_grads(step):
+        torch.manual_seed(0)
+        learner = alg.build_learner(len(tasks), features)
+        tracker.live, tracker.peak = 0, 0
+        with tracker:
+            loss = step(learner)
+        return loss, [p.grad.clone() for p in learner.parameters()], tracker.peak
+
+    def one_backward(learner):
+        loss = alg.distillation_step(learner, features, target, images, teacher, batches, start)
+        loss.backward()
+        return loss.detach()
+
+    def by_groups(per_image):
+        def step(learner):
+            alg._activation_bytes_per_image = per_image
+            return alg.distillation_backward(
+                learner, features, target, images, teacher, batches, start
+            )
+
+        return step
+
+    ref_loss, ref_grads, ref_peak = learner_and_grads(one_backward)
+    assert any(g.abs().sum() > 0 for g in ref_grads)
+    runs = {
+        "measured": by_groups(None),  # first task alone, measured; then by the budget
+        "one task at a time": by_groups(float("inf")),
+        "all tasks together": by_groups(0.0),
+    }
+    peaks = {}
+    for name, step in runs.items():
+        loss, grads, peaks[name] = learner_and_grads(step)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6, msg=name)
+        for g, want in zip(grads, ref_grads):
+            torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-7, msg=name)
+        if name == "measured":
+            assert alg._activation_bytes_per_image > 0
+    # one task's activations at a time: about 1 / K of one backward over every task's images
+    # (K = 2 here); no backward holds more than one through the differentiable merge (which also
+    # keeps the task vectors for the merge's own backward)
+    assert peaks["one task at a time"] < 0.65 * peaks["all tasks together"], peaks
+    assert peaks["all tasks together"] <= ref_peak, (peaks, ref_peak)
+    assert all(p.grad is None for p in target.base.parameters())
+
+
+def test_leaf_merge_folds_each_tensors_gradient_into_the_coefficients():
+    from statsmerge_plugin.method.statsmerging.merge import LeafMerge, TaskVectorMerge
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    base.requires_grad_(False)
+    pretrained = dict(base.named_parameters())
+    tvs = {n: 0.1 * torch.randn(2, *p.shape) for n, p in pretrained.items()}
+    target = TaskVectorMerge(base, pretrained, tvs)
+    x = torch.randn(6, 5)
+    for coefficients in (torch.rand(2, 4), torch.rand(2, 1)):  # layer-wise, task-wise
+        c = coefficients.clone().requires_grad_(True)
+        target.model(c)(x).pow(2).sum().backward()
+        with LeafMerge(target, coefficients) as merge:
+            for half in (x[:3], x[3:]):  # two backward passes accumulate
+                merge.model()(half).pow(2).sum().backward()
+                assert all(w.grad is None for w in merge.state.values())
+            torch.testing.assert_close(merge.grad, c.grad)
+            leaves = list(merge.state.values())
+        assert merge.state == {} and all(not w._post_accumulate_grad_hooks for w in leaves)
+    with pytest.raises(ValueError, match=r"coefficients must have shape \[K, 4\]"):
+        LeafMerge(target, torch.rand(2, 3))
+
+
 def summary_and_coefficients(log_dir: Path):
     out = log_dir / "statsmerging"
     return read_json(out / "summary.json"), torch.load(out / "coefficients.pt")["coefficients"]

@@ -5,12 +5,19 @@
 With coefficients that sum to one over tasks (softmax) this equals the paper's sum_k lambda_k^l theta_k^l.
 Everything here is functional, so gradients reach the coefficients (and through them the learner) only;
 theta_0 and the task vectors are constants.
+
+Training does not back-propagate through the merge itself (:class:`LeafMerge`): the merged tensors
+of a step are built once, without a graph, and used as autograd leaves; since
+``d loss / d lambda_k^l = <d loss / d theta^l, tau_k^l>``, each tensor's gradient is folded into the
+coefficients' gradient as soon as autograd has it, and dropped. A step then holds the task vectors,
+one merged model and the activations of one backward pass, however many backward passes (one per
+task) it makes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -35,7 +42,24 @@ def merge_tensor(
             f"tensor {name!r}: cannot merge task vectors of shape {tuple(task_vectors.shape)} with "
             f"coefficients {tuple(coefficients.shape)} into a tensor of shape {tuple(pretrained.shape)}"
         )
-    return pretrained + torch.tensordot(coefficients.to(task_vectors.dtype), task_vectors, dims=1)
+    K = task_vectors.shape[0]
+    merged = torch.addmv(  # one pass over the task vectors, no [K, *S] or S-sized temporaries
+        pretrained.reshape(-1),
+        task_vectors.reshape(K, -1).T,
+        coefficients.to(task_vectors.dtype),
+    )
+    return merged.view(pretrained.shape)
+
+
+def coefficient_columns(coefficients: torch.Tensor, names: Sequence[str]) -> Callable[[int], int]:
+    """``l -> column`` of tensor ``l`` in ``[K, L]`` (layer-wise) or ``[K, 1]`` (task-wise)
+    coefficients; ``ValueError`` for any other shape."""
+    if coefficients.dim() != 2 or coefficients.shape[1] not in (1, len(names)):
+        raise ValueError(
+            f"coefficients must have shape [K, {len(names)}] (layer-wise) or [K, 1] (task-wise), "
+            f"got {tuple(coefficients.shape)}"
+        )
+    return (lambda l: 0) if coefficients.shape[1] == 1 else (lambda l: l)
 
 
 def merge_state(
@@ -45,12 +69,7 @@ def merge_state(
     names: Sequence[str],
 ) -> Dict[str, torch.Tensor]:
     """Merge every tensor in ``names``; ``coefficients`` is ``[K, L]`` with ``L == len(names)`` or 1."""
-    if coefficients.dim() != 2 or coefficients.shape[1] not in (1, len(names)):
-        raise ValueError(
-            f"coefficients must have shape [K, {len(names)}] (layer-wise) or [K, 1] (task-wise), "
-            f"got {tuple(coefficients.shape)}"
-        )
-    column = (lambda l: 0) if coefficients.shape[1] == 1 else (lambda l: l)
+    column = coefficient_columns(coefficients, names)
     return {
         name: merge_tensor(pretrained[name], task_vectors[name], coefficients[:, column(l)], name)
         for l, name in enumerate(names)
@@ -86,3 +105,99 @@ class TaskVectorMerge:
     def model(self, coefficients: torch.Tensor) -> Callable:
         """The base module run functionally with the merged parameters."""
         return functional_model(self.base, self.state(coefficients))
+
+
+class LeafMerge:
+    """One training step's merged model, with the gradient of the loss folded into the coefficients.
+
+    The merged tensors are built once from ``coefficients`` without a graph and made autograd leaves
+    (:attr:`state`, run with :meth:`model`). Any number of backward passes through the model (one
+    per task) then accumulate ``d loss / d lambda`` into :attr:`grad` (``[K, L]`` or ``[K, 1]``,
+    as ``coefficients``): by the chain rule through ``theta^l = theta_0^l + sum_k lambda_k^l
+    tau_k^l``, ``grad[k, col(l)] += <d loss / d theta^l, tau_k^l>``, computed by a
+    post-accumulate-grad hook the moment autograd has accumulated tensor ``l``'s gradient, which is
+    then dropped. So no merge graph is kept (it would hold every merged tensor's gradient until the
+    end of each backward pass) and at most one merged tensor's gradient exists at a time.
+    ``coefficients.backward(grad)`` then gives the learner the gradient that one backward through
+    the differentiable merge would have given it.
+
+    Use as a context manager: leaving it removes the hooks and releases the merged tensors.
+    """
+
+    def __init__(self, target: "TaskVectorMerge", coefficients: torch.Tensor):
+        coefficients = coefficients.detach()
+        column = coefficient_columns(coefficients, target.names)
+        self.target = target
+        self.grad = torch.zeros_like(coefficients)
+        self.state: Dict[str, torch.Tensor] = {}
+        self._hooks: List = []
+        with torch.no_grad():
+            for l, name in enumerate(target.names):
+                merged = merge_tensor(
+                    target.pretrained[name],
+                    target.task_vectors[name],
+                    coefficients[:, column(l)],
+                    name,
+                ).requires_grad_(True)
+                hook = self._fold(target.task_vectors[name], column(l))
+                self._hooks.append(merged.register_post_accumulate_grad_hook(hook))
+                self.state[name] = merged
+
+    def _fold(self, task_vectors: torch.Tensor, col: int) -> Callable:
+        flat = task_vectors.reshape(task_vectors.shape[0], -1)
+
+        def fold(merged: torch.Tensor) -> None:
+            with torch.no_grad():
+                grad = merged.grad.reshape(-1).to(flat.dtype)
+                self.grad[:, col] += (flat @ grad).to(self.grad.dtype)
+            merged.grad = None
+
+        return fold
+
+    def model(self) -> Callable:
+        """The base module run functionally with this step's merged tensors."""
+        return functional_model(self.target.base, self.state)
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self.state = [], {}
+
+    def __enter__(self) -> "LeafMerge":
+        return self
+
+    def __exit__(self, *exc) -> Optional[bool]:
+        self.close()
+        return None
+
+
+class SavedActivations:
+    """Counts the bytes autograd saves for backward while active (a context manager over
+    ``torch.autograd.graph.saved_tensors_hooks``): every distinct storage once, except the
+    storages in ``exclude`` (e.g. the merged tensors, which exist anyway)."""
+
+    def __init__(self, exclude: Sequence[torch.Tensor] = ()):
+        self._exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self._seen: set = set()
+        self.bytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self._exclude and ptr not in self._seen:
+            self._seen.add(ptr)
+            self.bytes += storage.nbytes()
+        return tensor
+
+    def _unpack(self, packed):
+        return packed
+
+    def __enter__(self) -> "SavedActivations":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> Optional[bool]:
+        self._hooks.__exit__(*exc)
+        self._seen = set()
+        return None

@@ -85,7 +85,11 @@ from statsmerge_plugin.method.statsmerging.learner import (
     build_optimiser,
     coefficient_movement,
 )
-from statsmerge_plugin.method.statsmerging.merge import TaskVectorMerge
+from statsmerge_plugin.method.statsmerging.merge import (
+    LeafMerge,
+    SavedActivations,
+    TaskVectorMerge,
+)
 from statsmerge_plugin.method.statsmerging.statistics import (
     FEATURE_GROUPS,
     FEATURE_NORMS,
@@ -123,6 +127,9 @@ STATS_SOURCES = ("task_vector", "finetuned")
 SELECTION_METRICS = ("agreement", "loss")
 #: the smallest start loss ``task_weighting=relative`` divides by
 MIN_START_LOSS = 1e-6
+#: activations one backward pass of a training step may hold: tasks are back-propagated together
+#: while their saved activations fit, else one at a time (a ViT-B/32 image at 224 px saves ~37 MB)
+ACTIVATION_BUDGET_BYTES = 256 * 2**20
 
 
 def fresh_dir(parent: Path, name: str) -> Path:
@@ -527,6 +534,7 @@ class StatsMergingForCLIP(
         settings = self.optimiser_settings()
         optimizer, scheduler = build_optimiser(learner, settings, steps)
         learner, optimizer = self.fabric.setup(learner, optimizer)
+        self._activation_bytes_per_image = None  # measured by the first backward pass
         learner_features = self.to_device(learner_features)
         with torch.no_grad():
             start_coefficients = learner(learner_features).detach().float()
@@ -553,11 +561,10 @@ class StatsMergingForCLIP(
                     ]
                     for t in tasks
                 }
-                loss = self.distillation_step(
+                optimizer.zero_grad(set_to_none=True)
+                loss = self.distillation_backward(
                     learner, learner_features, target, images, teacher, batches, start=start
                 )
-                optimizer.zero_grad(set_to_none=True)
-                self.fabric.backward(loss)
                 # after backward: under DDP the gradients are all-reduced, so every rank stops at
                 # the same step (one rank's loss, or every rank's gradients)
                 check_finite_loss("StatsMerging", float(loss.detach()), step + 1, steps)
@@ -682,6 +689,86 @@ class StatsMergingForCLIP(
             for t, idx in batches.items()
         }
         return combine_task_losses(losses, self.task_weighting, start)
+
+    def distillation_backward(
+        self,
+        learner,
+        learner_features,
+        target: TaskVectorMerge,
+        images,
+        teacher,
+        batches,
+        start: Optional[Dict[str, float]] = None,
+    ) -> torch.Tensor:
+        """The objective of :meth:`distillation_step` and its gradient, accumulated into the
+        learner's ``.grad``, with bounded memory.
+
+        The merged model is built once (:class:`~.merge.LeafMerge`: no merge graph, each merged
+        tensor's gradient folded into the coefficients' gradient as soon as it exists). The
+        objective is a sum over tasks, so tasks are back-propagated in groups: one task at a time,
+        or several together while their saved activations stay under
+        :data:`ACTIVATION_BUDGET_BYTES` (measured on the first task of the first step), so one
+        backward pass holds the activations of at most one group. The coefficients' gradient then
+        goes through the learner in one backward (all-reduced under DDP). Returns the objective
+        (detached)."""
+        coefficients = learner(learner_features)
+        total = torch.zeros(())
+        tasks = list(batches)
+        with LeafMerge(target, coefficients) as merge:
+            merged = merge.model()
+            while tasks:
+                group = self.backward_group(tasks, batches)
+                tasks = tasks[len(group) :]
+                measure = getattr(self, "_activation_bytes_per_image", None) is None
+                with SavedActivations(exclude=merge.state.values()) as saved:
+                    part = self.group_objective(merged, group, images, teacher, batches, start)
+                if measure:
+                    images_in_group = sum(len(batches[t]) for t in group)
+                    self._activation_bytes_per_image = saved.bytes / images_in_group
+                part.backward()
+                total = total + part.detach().cpu()
+                del part
+            gradient = merge.grad
+        self.fabric.backward(coefficients, gradient)
+        return total
+
+    def backward_group(self, tasks: List[str], batches) -> List[str]:
+        """The tasks at the front of ``tasks`` that one backward pass takes: the first, and the
+        next ones while the group's activations (per image, as measured) fit
+        :data:`ACTIVATION_BUDGET_BYTES`; only the first until that is measured."""
+        per_image = getattr(self, "_activation_bytes_per_image", None)
+        group = tasks[:1]
+        if per_image is None:
+            return group
+        n = len(batches[group[0]])
+        for t in tasks[1:]:
+            n += len(batches[t])
+            if n * per_image > ACTIVATION_BUDGET_BYTES:
+                break
+            group.append(t)
+        return group
+
+    def group_objective(self, merged, group, images, teacher, batches, start) -> torch.Tensor:
+        """The part of the objective of the tasks in ``group`` (one merged forward of their images)."""
+        batch = {t: self.to_device(images[t][batches[t]]) for t in group}
+        logits = task_logits(
+            lambda x: self.image_embeds(merged, x),
+            lambda t, embeds: self.compute_logits(None, None, t, image_embeds=embeds),
+            batch,
+        )
+        losses = {
+            t: task_loss(
+                self.loss,
+                logits[t],
+                teacher[t][batches[t].to(teacher[t].device)],
+                self.temperature,
+                self.task_weighting,
+            )
+            for t in group
+        }
+        return combine_task_losses(
+            losses, self.task_weighting, None if start is None else {t: start[t] for t in group}
+        )
 
     def check_ranks_agree(self, coefficients: torch.Tensor) -> Optional[float]:
         """Max |difference| between ranks' final coefficients (``None`` in a single process)."""
