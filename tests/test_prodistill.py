@@ -120,7 +120,9 @@ def test_block_loss_is_sum_of_squared_feature_error():
     s = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
     t = torch.tensor([[[0.0, 2.0], [5.0, 4.0]]])
     assert block_loss(s, t).item() == pytest.approx(1.0 + 4.0)
-    assert block_loss(s, t, "mean").item() == pytest.approx(5.0 / 4)
+    assert block_loss(s, t, "mean").item() == pytest.approx(5.0)  # one sample
+    two = torch.cat([s, s + 1.0])  # the second sample: 2^2 + 1 + 1 + 1 = 7
+    assert block_loss(two, torch.cat([t, t]), "mean").item() == pytest.approx((5.0 + 7.0) / 2)
     with pytest.raises(ValueError, match="shape"):
         block_loss(s, t[:, :1])
     with pytest.raises(ValueError, match="loss_reduction"):
@@ -130,6 +132,32 @@ def test_block_loss_is_sum_of_squared_feature_error():
 # ------------------------------------------------------------------------------------------------
 # the algorithm
 # ------------------------------------------------------------------------------------------------
+
+
+def test_mean_loss_takes_the_steps_of_the_sum_under_adam():
+    """``loss_reduction=mean`` trains like ``sum`` (the config's "same optimum, different scale"):
+    the coefficients' gradients stay far above Adam's epsilon. A mean over every element (samples x
+    tokens x hidden) would put them below it here, and the coefficients would barely move."""
+    g = torch.Generator().manual_seed(0)
+    n, tokens, hidden = 16, 50, 64
+    base = {"w": torch.randn(hidden, hidden, generator=g) / hidden**0.5}
+    tau = {"w": 1e-3 * torch.randn(2, hidden, hidden, generator=g)}
+    x = torch.randn(n, tokens, hidden, generator=g)
+    target = x @ (base["w"] + 0.9 * tau["w"].sum(0)).T
+    moved = {}
+    for reduction in ("sum", "mean"):
+        alpha = {k: v.requires_grad_(True) for k, v in init_coefficients(tau, 0.3).items()}
+        optimizer = torch.optim.Adam(list(alpha.values()), lr=0.01)
+        for _ in range(20):
+            merged = merge_elementwise(base, tau, alpha)
+            loss = block_loss(x @ merged["w"].T, target, reduction)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        moved[reduction] = alpha["w"].detach() - 0.3
+    assert moved["sum"].abs().mean() > 0.1
+    # measured: 0.3 % of the movement (a mean over every element: 49 %, it moves half as far)
+    assert (moved["mean"] - moved["sum"]).abs().mean() < 0.02 * moved["sum"].abs().mean()
 
 
 def test_block_losses_decrease_and_test_split_is_never_read(tiny, tmp_path):
