@@ -45,7 +45,7 @@ class Recipe:
     # fraction of the (2k, 2k+1) class pairs whose captions are blurred
     pair_frac: float = _knob(0.6, "pretrain")
     # how often an image of such a pair is captioned as its partner (0.5: blurred, > 0.5: confused)
-    pair_swap: float = _knob(0.6, "pretrain")
+    pair_swap: float = _knob(0.65, "pretrain")
     # fine-tuning of the vision tower against the frozen zero-shot head
     ft_steps: int = _knob(500, "finetune")
     ft_batch: int = _knob(32, "finetune")
