@@ -466,9 +466,10 @@ def select_settings(args) -> Dict[str, dict]:
             raise SystemExit(f"unknown grid {name!r}; known: {', '.join(grids)}")
         settings |= grids[name]
     for item in args.setting:
-        name, sep, value = item.partition("=")
+        cut = item.find("={")  # the name may itself contain "=" (e.g. "kl T=2")
+        name, value = (item[:cut], item[cut + 1 :]) if cut > 0 else (item, "")
         try:
-            options = json.loads(value) if sep and name.strip() else None
+            options = json.loads(value) if value and name.strip() else None
         except json.JSONDecodeError as err:
             raise SystemExit(f"--setting {item!r}: the options are not JSON ({err})")
         if not isinstance(options, dict):

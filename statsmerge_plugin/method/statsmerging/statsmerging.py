@@ -204,22 +204,22 @@ class StatsMergingForCLIP(
     def __init__(
         self,
         granularity: str = "layer_wise",
-        learner: str = "shared",
+        learner: str = "per_tensor",
         stats_source: str = "task_vector",
         stat_features: Sequence[str] = FEATURE_GROUPS,
         svd_rank: int = 3,
         svd_exact_max_numel: int = 4_000_000,
-        feature_norm: str = "none",
+        feature_norm: str = "standardize",
         hidden_dim: int = 256,
-        output_norm: str = "softmax",
+        output_norm: str = "none",
         scale: str = "fixed",
-        init_scale: float = 1.0,
-        zero_init_output: bool = False,
+        init_scale: float = 2.4,
+        zero_init_output: bool = True,
         loss: str = "ce_hard",
         temperature: float = 1.0,
         task_weighting: str = "sum",
         lr: Optional[float] = None,
-        lr_schedule: str = "step",
+        lr_schedule: str = "cosine",
         lr_step_size: int = 100,
         lr_gamma: float = 0.1,
         scale_lr: float = 0.01,
@@ -513,8 +513,12 @@ class StatsMergingForCLIP(
             mode=self.learner,
             hidden_dim=self.hidden_dim,
             output_norm=self.output_norm,
-            out_bias=(
-                0.3 if (self.learner == "per_tensor" and self.granularity == "task_wise") else 0.0
+            out_bias=(  # the official task-wise bias, unless the learner starts at zero logits
+                0.3
+                if self.learner == "per_tensor"
+                and self.granularity == "task_wise"
+                and not self.zero_init_output
+                else 0.0
             ),
             scale=self.scale,
             init_scale=self.init_scale,
