@@ -91,8 +91,8 @@ METHODS: Dict[str, tuple] = {
     ),
     "statsmerging_free": (
         "Free coefficients, same loss (control)",
-        ["method=statsmerging/clip_layer_wise", "method.learner=free"],
-        "label-free, val images",
+        ["method=statsmerging/clip_layer_wise", "method.learner=free", "method.lr=0.03"],
+        "label-free, val images; free table's lr 3e-2 (chosen on val)",
     ),
     "prodistill": (
         "ProDistill (ours)",
