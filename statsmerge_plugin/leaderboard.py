@@ -101,6 +101,14 @@ METHODS: Dict[str, tuple] = {
     ),
 }
 OUR_METHODS = {"statsmerging_tw", "statsmerging_lw", "statsmerging_free", "prodistill"}
+# methods whose result depends on the seed (learned coefficients, sampled images); the others are run
+# once, with the first seed, since every seed gives the same model
+SEEDED_METHODS = OUR_METHODS | {"adamerging_lw", "fisher", "regmean"}
+
+
+def seeds_for(method: str, seeds: Sequence[int]) -> List[int]:
+    """The seeds ``method`` is run with: all of them if it is seeded, else the first."""
+    return list(seeds) if method in SEEDED_METHODS else list(seeds)[:1]
 DEFAULT_METHODS = [
     "pretrained",
     "individual",
@@ -322,7 +330,7 @@ class Leaderboard:
         tasks, model_names = self.composed_pools()
         results: List[RunResult] = []
         for method in self.args.methods:
-            for seed in self.args.seeds:
+            for seed in seeds_for(method, self.args.seeds):
                 print(f"[leaderboard] {method} (seed {seed}) ...", flush=True)
                 r = self.run_method(method, seed, tasks, model_names)
                 msg = (

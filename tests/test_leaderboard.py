@@ -8,7 +8,7 @@ import re
 import pytest
 from conftest import REPO_ROOT, run_fusion_bench, write_tiny_configs
 
-from statsmerge_plugin.leaderboard import main, parse_args, shape_figures
+from statsmerge_plugin.leaderboard import main, parse_args, seeds_for, shape_figures
 from statsmerge_plugin.program import accuracy_table
 
 
@@ -79,6 +79,13 @@ def test_leaderboard_runs_methods_reports_failures_and_writes_md_json_png(tiny_c
         main(tiny_leaderboard_args(config_dir, out, tmp_path, "pretrained"))
     assert {suffix: out.with_suffix(suffix).read_bytes() for suffix in first} == first
     assert sorted(p.name for p in (tmp_path / "docs" / "leaderboard_runs").iterdir()) == runs
+
+
+def test_only_seeded_methods_run_once_per_seed():
+    assert seeds_for("statsmerging_lw", [0, 1, 2]) == [0, 1, 2]
+    assert seeds_for("adamerging_lw", [3, 4]) == [3, 4]
+    for deterministic in ("pretrained", "individual", "simple_average", "task_arithmetic", "ties"):
+        assert seeds_for(deterministic, [0, 1, 2]) == [0]
 
 
 def test_shape_figures_check_the_real_benchmarks_ranking():
