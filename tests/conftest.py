@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random CLIP pool built once per session, and helpers to run the CLI."""
+"""Shared fixtures: a tiny random CLIP pool and the mini benchmark's smoke build, each built once per
+session, and helpers to run the CLI."""
 
 from __future__ import annotations
 
@@ -36,6 +37,39 @@ def tiny_clip(tmp_path_factory):
     from tiny_clip import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), n_images=16)
+
+
+@pytest.fixture(scope="session")
+def smoke_mini_root(tmp_path_factory) -> Path:
+    """Root (``STATSMERGE_MINI_ROOT``) of the session's shared smoke build (:func:`smoke_mini`)."""
+    return tmp_path_factory.mktemp("mini_smoke")
+
+
+@pytest.fixture(scope="session")
+def smoke_mini(smoke_mini_root) -> dict:
+    """The mini benchmark's eight-task smoke build, with its manifest evaluation, built once per
+    session in :func:`smoke_mini_root` under the builder's key; its manifest, with ``path`` (shared
+    by every test: read it, never change it).
+
+    For tests that only need *a* finished smoke build (pools, task pools, the CLI, derived corrupted
+    splits). Tests of the building itself (caching, keys, locks, refactors, bad input) make their
+    own builds in their own directories. Tests may add derived data inside the build (corrupted
+    splits), never another build or a sibling directory in its root.
+    """
+    from statsmerge_plugin.mini.build import build_mini_benchmark
+    from statsmerge_plugin.mini.recipe import build_key, get_recipe
+    from statsmerge_plugin.mini.tasks import TASK_NAMES
+
+    recipe = get_recipe("smoke")
+    manifest = build_mini_benchmark(
+        root=smoke_mini_root,
+        preset="smoke",
+        recipe=recipe.replace(num_threads=1),  # a run knob, not part of the key
+        progress=False,
+    )
+    # where the builder (and ${mini_clip:} with preset smoke, seed 0) looks for the smoke preset
+    assert Path(manifest["path"]) == smoke_mini_root / build_key(recipe, "smoke", 0, TASK_NAMES)
+    return manifest
 
 
 @pytest.fixture()

@@ -64,7 +64,7 @@ from statsmerge_plugin.method.statsmerging.hetero.teachers import (
     pixel_values,
     same_architecture,
 )
-from statsmerge_plugin.mini.build import build_mini_benchmark, read_manifest
+from statsmerge_plugin.mini.build import read_manifest
 from statsmerge_plugin.mini.data import load_split
 from statsmerge_plugin.mini.hetero.build import ensure_hetero_built, load_teacher
 from statsmerge_plugin.mini.hetero.recipe import HETERO_PRESETS, HETERO_VERSION
@@ -766,16 +766,17 @@ def test_cli_hetero_statsmerging_on_a_tiny_mixed_pool(mixed, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def mini_hetero(tmp_path_factory):
-    """A smoke base build of the two teacher tasks (no evaluation) and its teachers' build."""
-    base = build_mini_benchmark(
-        root=tmp_path_factory.mktemp("mini_hetero"),
-        preset="smoke",
-        tasks=list(MINI_TEACHERS),
-        recipe=get_recipe("smoke").replace(evaluate=False, num_threads=1),
-        progress=False,
-    )
-    return Path(base["path"]), ensure_hetero_built(base["path"], progress=False)
+def mini_hetero(smoke_mini, tmp_path_factory):
+    """A smoke base build holding the teacher tasks and its teachers' build.
+
+    The base is a copy of the session's smoke build (``conftest.smoke_mini``; its derived corrupted
+    splits left out) in this module's own root, so that the teachers' sibling build stays out of the
+    shared root."""
+    shared = Path(smoke_mini["path"])
+    assert set(MINI_TEACHERS) <= set(smoke_mini["tasks"])
+    base = tmp_path_factory.mktemp("mini_hetero") / shared.name
+    shutil.copytree(shared, base, ignore=shutil.ignore_patterns("corrupted"))
+    return base, ensure_hetero_built(base, progress=False)
 
 
 def test_mini_hetero_teachers_load_as_the_method_expects(mini_hetero):

@@ -36,15 +36,16 @@ def weights(path: Path) -> dict:
     return load_file(str(path / "model.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def smoke_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("mini_root")
+@pytest.fixture()
+def smoke_root(smoke_mini_root) -> Path:
+    return smoke_mini_root
 
 
-@pytest.fixture(scope="module")
-def smoke_build(smoke_root) -> dict:
-    """The full eight-task smoke build, shared by the pool / task pool / CLI tests."""
-    return build_mini_benchmark(root=smoke_root, preset="smoke", progress=False)
+@pytest.fixture()
+def smoke_build(smoke_mini) -> dict:
+    """The full eight-task smoke build (the session's, ``conftest.smoke_mini``), shared by the
+    manifest / pool / task pool / CLI tests."""
+    return smoke_mini
 
 
 # ------------------------------------------------------------------------------------------

@@ -27,9 +27,7 @@ from statsmerge_plugin.leaderboard import (
     task_groups,
 )
 from statsmerge_plugin.mini import corruptions as C
-from statsmerge_plugin.mini.build import build_mini_benchmark
 from statsmerge_plugin.mini.data import load_split
-from statsmerge_plugin.mini.recipe import get_recipe
 
 ROBUST = ["mini_stanford_cars", "mini_eurosat", "mini_resisc45", "mini_gtsrb"]
 RANDOM = ("motion_blur", "impulse_noise", "gaussian_noise", "spatter")
@@ -140,19 +138,16 @@ def test_bad_corruption_arguments_name_the_culprit(call, message):
 # corrupted splits of a smoke build
 
 
-@pytest.fixture(scope="module")
-def smoke_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("mini_protocols")
+@pytest.fixture()
+def smoke_root(smoke_mini_root) -> Path:
+    return smoke_mini_root
 
 
-@pytest.fixture(scope="module")
-def smoke(smoke_root) -> Path:
-    """The eight-task smoke build, without its manifest evaluation (``evaluate`` is a run knob: same
-    key, so ``${mini_clip:}`` with preset smoke finds it)."""
-    recipe = get_recipe("smoke").replace(evaluate=False)
-    return Path(
-        build_mini_benchmark(root=smoke_root, preset="smoke", recipe=recipe, progress=False)["path"]
-    )
+@pytest.fixture()
+def smoke(smoke_mini) -> Path:
+    """The eight-task smoke build (the session's, ``conftest.smoke_mini``), where ``${mini_clip:}``
+    with preset smoke and ``STATSMERGE_MINI_ROOT=smoke_root`` finds it."""
+    return Path(smoke_mini["path"])
 
 
 def test_corrupted_split_is_derived_once_seeded_and_leaves_the_build_alone(smoke, tmp_path):
