@@ -659,3 +659,37 @@ def test_learned_scale_is_reported(tiny_pool, tmp_path):
     summary, coef = summary_and_coefficients(tmp_path)
     assert summary["overall_scale"] != 1.5 and summary["optimiser"]["scale_lr"] == 0.1
     torch.testing.assert_close(coef.sum(0), torch.full((coef.shape[1],), summary["overall_scale"]))
+
+
+def test_whole_split_is_streamed_a_batch_at_a_time_never_stacked(tiny_pool, tmp_path, monkeypatch):
+    """``num_unlabelled_per_task: null`` reads the whole held-out split: its images are processed
+    when used (the values stacking gives), never held as one tensor."""
+    import statsmerge_plugin.method.statsmerging.statsmerging as module
+    from statsmerge_plugin.data import held_out_images
+
+    alg = fast()
+    alg.modelpool = tiny_pool
+    unlabelled = held_out_images(tiny_pool, "mnist", alg.clip_processor, None)
+    streamed = module.StreamedImages(unlabelled)
+    stacked = stack_images(unlabelled)
+    assert len(streamed) == len(stacked) == 16
+    torch.testing.assert_close(torch.cat(list(streamed.split(5))), stacked)
+    idx = torch.tensor([7, 2, 11])
+    torch.testing.assert_close(module.take(streamed, idx), stacked[idx])
+    part = module.select(streamed, idx)
+    assert isinstance(part, module.StreamedImages)
+    torch.testing.assert_close(module.take(part, torch.tensor([2, 0])), stacked[[11, 7]])
+
+    def refuse(images, *args, **kwargs):
+        raise AssertionError(f"stacked {len(images)} images")
+
+    monkeypatch.setattr(module, "stack_images", refuse)
+    for selection in ("none", "best"):
+        run = with_log_dir(
+            fast(num_unlabelled_per_task=None, max_steps=2, selection=selection, eval_every=1),
+            tmp_path / selection,
+        )
+        run.run(tiny_pool)
+        summary = read_json(tmp_path / selection / "statsmerging" / "summary.json")
+        assert summary["steps"] == 2
+        assert summary["unlabelled_data"]["mnist"]["num_images"] == 16

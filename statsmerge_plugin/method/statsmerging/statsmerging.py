@@ -132,6 +132,44 @@ MIN_START_LOSS = 1e-6
 ACTIVATION_BUDGET_BYTES = 256 * 2**20
 
 
+class StreamedImages:
+    """A task's unlabelled images processed when used, a batch at a time, instead of held as one
+    tensor: what :meth:`StatsMergingForCLIP.load_images` gives for ``num_unlabelled_per_task:
+    null`` (the whole held-out split, e.g. SVHN's 7.3k validation images, 4.4 GB at 224 px).
+
+    ``batch(idx)`` processes those images (the values ``stack_images`` would hold: the same
+    processing, image by image), ``split(n)`` iterates over all of them in batches of ``n``,
+    ``subset(idx)`` selects some without processing any.
+    """
+
+    def __init__(self, images, positions: Optional[Sequence[int]] = None):
+        self.images = images
+        self.positions = list(range(len(images))) if positions is None else list(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def batch(self, idx) -> torch.Tensor:
+        return torch.stack([self.images[self.positions[int(i)]] for i in idx])
+
+    def subset(self, idx) -> "StreamedImages":
+        return StreamedImages(self.images, [self.positions[int(i)] for i in idx])
+
+    def split(self, size: int):
+        for first in range(0, len(self), size):
+            yield self.batch(range(first, min(first + size, len(self))))
+
+
+def take(images, idx) -> torch.Tensor:
+    """The images at ``idx`` of a stacked tensor or of :class:`StreamedImages`, as a tensor."""
+    return images.batch(idx) if isinstance(images, StreamedImages) else images[idx]
+
+
+def select(images, idx):
+    """The images at ``idx``, of the same kind (a tensor, or :class:`StreamedImages`)."""
+    return images.subset(idx) if isinstance(images, StreamedImages) else images[idx]
+
+
 def fresh_dir(parent: Path, name: str) -> Path:
     """``parent/name``, or ``name_1``, ``name_2``... if taken: earlier outputs are never overwritten."""
     path, i = parent / name, 0
@@ -393,8 +431,10 @@ class StatsMergingForCLIP(
             del reader
 
     def load_images(self, modelpool, tasks: List[str], guard: TestSplitGuard):
-        """Each task's unlabelled held-out images as one host tensor (batches go to the device when
-        used), and what was read (split, paths, fingerprint, rows)."""
+        """Each task's unlabelled held-out images (batches go to the device when used) and what was
+        read (split, paths, fingerprint, rows): ``num_unlabelled_per_task`` images as one host
+        tensor, or, with ``null``, the whole split as :class:`StreamedImages` (processed a batch
+        at a time when used)."""
         needed = self.batch_size_per_task + (1 if self.selection != "none" else 0)
         images, data_read = {}, {}
         for t in tasks:
@@ -418,7 +458,13 @@ class StatsMergingForCLIP(
                         else ""
                     )
                 )
-            images[t] = stack_images(unlabelled)
+            # a configured number is stacked once; the whole split (null) is streamed, a batch at
+            # a time, never held
+            images[t] = (
+                StreamedImages(unlabelled)
+                if self.num_unlabelled_per_task is None
+                else stack_images(unlabelled)
+            )
         return images, data_read
 
     def split_for_selection(self, tasks, images, teacher, data_read):
@@ -436,7 +482,7 @@ class StatsMergingForCLIP(
             n_held = min(n - self.batch_size_per_task, max(1, round(self.selection_fraction * n)))
             order = torch.randperm(n, generator=generator)
             held, kept = order[:n_held], order[n_held:]
-            train_images[t], held_images[t] = images[t][kept], images[t][held]
+            train_images[t], held_images[t] = select(images[t], kept), select(images[t], held)
             train_teacher[t] = teacher[t][kept.to(teacher[t].device)]
             held_teacher[t] = teacher[t][held.to(teacher[t].device)]
             data_read[t] |= {"num_training_images": len(kept), "num_selection_images": n_held}
@@ -675,7 +721,7 @@ class StatsMergingForCLIP(
         tasks' images (``one_forward=False``: one per task, as before), each task's head on its slice.
         """
         merged = target.model(learner(learner_features))
-        batch = {t: self.to_device(images[t][idx]) for t, idx in batches.items()}
+        batch = {t: self.to_device(take(images[t], idx)) for t, idx in batches.items()}
         logits = task_logits(
             lambda x: self.image_embeds(merged, x),
             lambda t, embeds: self.compute_logits(None, None, t, image_embeds=embeds),
@@ -754,7 +800,7 @@ class StatsMergingForCLIP(
 
     def group_objective(self, merged, group, images, teacher, batches, start) -> torch.Tensor:
         """The part of the objective of the tasks in ``group`` (one merged forward of their images)."""
-        batch = {t: self.to_device(images[t][batches[t]]) for t in group}
+        batch = {t: self.to_device(take(images[t], batches[t])) for t in group}
         logits = task_logits(
             lambda x: self.image_embeds(merged, x),
             lambda t, embeds: self.compute_logits(None, None, t, image_embeds=embeds),
