@@ -37,6 +37,17 @@ def fast(**kw):
     return StatsMergingForCLIP(**(opts | kw))
 
 
+# the paper's learner and coefficient rule (method=statsmerging/paper), for tests about those
+PAPER_RULE = dict(
+    learner="shared",
+    feature_norm="none",
+    output_norm="softmax",
+    init_scale=1.0,
+    zero_init_output=False,
+    lr_schedule="step",
+)
+
+
 def test_run_writes_outputs_and_returns_the_merge_of_its_coefficients(
     tiny_clip, tiny_pool, tmp_path
 ):
@@ -269,7 +280,7 @@ def test_invalid_options_name_the_option(option, value):
 def test_non_finite_training_stops_before_anything_is_saved(
     tiny_pool, tmp_path, max_steps, message
 ):
-    alg = with_log_dir(fast(max_steps=max_steps, lr=1e30), tmp_path)
+    alg = with_log_dir(fast(**PAPER_RULE | dict(max_steps=max_steps, lr=1e30)), tmp_path)
     with pytest.raises(FloatingPointError, match=message):
         alg.run(tiny_pool)
     assert not (tmp_path / "statsmerging").exists()
@@ -547,7 +558,7 @@ def summary_and_coefficients(log_dir: Path):
 
 @pytest.mark.parametrize("lr, moves", [(None, True), (1e-3, False)])
 def test_free_control_moves_with_its_default_learning_rate(tiny_pool, tmp_path, lr, moves):
-    alg = with_log_dir(fast(learner="free", lr=lr, max_steps=5), tmp_path)
+    alg = with_log_dir(fast(**PAPER_RULE | dict(learner="free", lr=lr, max_steps=5)), tmp_path)
     alg.run(tiny_pool)
     summary, coef = summary_and_coefficients(tmp_path)
     moved = summary["coefficient_movement"]
@@ -649,6 +660,7 @@ def test_feature_normalisation_works_for_every_granularity(tiny_pool, granularit
 
 def test_stat_features_choose_the_learners_inputs(tiny_pool):
     alg, tasks, target, images, feats, teacher = prepared(tiny_pool)
+    alg.learner, alg.feature_norm = "shared", "none"
     alg.stat_features = ["mean", "l2_norm"]
     shared = alg.learner_features(target.task_vectors, feats, target.names)
     torch.testing.assert_close(shared, feats[..., [0, 2]])
@@ -657,7 +669,9 @@ def test_stat_features_choose_the_learners_inputs(tiny_pool):
 
 
 def test_learned_scale_is_reported(tiny_pool, tmp_path):
-    alg = with_log_dir(fast(scale="learned", init_scale=1.5, scale_lr=0.1), tmp_path)
+    alg = with_log_dir(
+        fast(output_norm="softmax", scale="learned", init_scale=1.5, scale_lr=0.1), tmp_path
+    )
     alg.run(tiny_pool)
     summary, coef = summary_and_coefficients(tmp_path)
     assert summary["overall_scale"] != 1.5 and summary["optimiser"]["scale_lr"] == 0.1
