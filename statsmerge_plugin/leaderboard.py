@@ -109,6 +109,8 @@ SEEDED_METHODS = OUR_METHODS | {"adamerging_lw", "fisher", "regmean"}
 def seeds_for(method: str, seeds: Sequence[int]) -> List[int]:
     """The seeds ``method`` is run with: all of them if it is seeded, else the first."""
     return list(seeds) if method in SEEDED_METHODS else list(seeds)[:1]
+
+
 DEFAULT_METHODS = [
     "pretrained",
     "individual",
