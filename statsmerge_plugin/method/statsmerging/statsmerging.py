@@ -721,24 +721,9 @@ class StatsMergingForCLIP(
         tasks' images (``one_forward=False``: one per task, as before), each task's head on its slice.
         """
         merged = target.model(learner(learner_features))
-        batch = {t: self.to_device(take(images[t], idx)) for t, idx in batches.items()}
-        logits = task_logits(
-            lambda x: self.image_embeds(merged, x),
-            lambda t, embeds: self.compute_logits(None, None, t, image_embeds=embeds),
-            batch,
-            one_forward=one_forward,
+        return self.group_objective(
+            merged, list(batches), images, teacher, batches, start, one_forward=one_forward
         )
-        losses = {
-            t: task_loss(
-                self.loss,
-                logits[t],
-                teacher[t][idx.to(teacher[t].device)],
-                self.temperature,
-                self.task_weighting,
-            )
-            for t, idx in batches.items()
-        }
-        return combine_task_losses(losses, self.task_weighting, start)
 
     def distillation_backward(
         self,
@@ -771,7 +756,10 @@ class StatsMergingForCLIP(
                 tasks = tasks[len(group) :]
                 measure = getattr(self, "_activation_bytes_per_image", None) is None
                 with SavedActivations(exclude=merge.state.values()) as saved:
-                    part = self.group_objective(merged, group, images, teacher, batches, start)
+                    group_start = None if start is None else {t: start[t] for t in group}
+                    part = self.group_objective(
+                        merged, group, images, teacher, batches, group_start
+                    )
                 if measure:
                     images_in_group = sum(len(batches[t]) for t in group)
                     self._activation_bytes_per_image = saved.bytes / images_in_group
@@ -798,13 +786,17 @@ class StatsMergingForCLIP(
             group.append(t)
         return group
 
-    def group_objective(self, merged, group, images, teacher, batches, start) -> torch.Tensor:
-        """The part of the objective of the tasks in ``group`` (one merged forward of their images)."""
+    def group_objective(
+        self, merged, group, images, teacher, batches, start, one_forward: bool = True
+    ) -> torch.Tensor:
+        """The objective of the tasks in ``group`` on their batches: ONE merged forward of their
+        images (``one_forward=False``: one per task), each task's head on its slice."""
         batch = {t: self.to_device(take(images[t], batches[t])) for t in group}
         logits = task_logits(
             lambda x: self.image_embeds(merged, x),
             lambda t, embeds: self.compute_logits(None, None, t, image_embeds=embeds),
             batch,
+            one_forward=one_forward,
         )
         losses = {
             t: task_loss(
@@ -816,9 +808,7 @@ class StatsMergingForCLIP(
             )
             for t in group
         }
-        return combine_task_losses(
-            losses, self.task_weighting, None if start is None else {t: start[t] for t in group}
-        )
+        return combine_task_losses(losses, self.task_weighting, start)
 
     def check_ranks_agree(self, coefficients: torch.Tensor) -> Optional[float]:
         """Max |difference| between ranks' final coefficients (``None`` in a single process)."""
