@@ -31,6 +31,30 @@ def _isolated_fusion_bench_cache(tmp_path_factory):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after it (tiny tensors: faster and steadier on shared
+    CPUs); modules use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def with_log_dir(alg, log_dir: Path):
+    """``alg`` with a CPU Fabric whose TensorBoard logger writes to ``log_dir`` (the method's outputs
+    go to ``log_dir / <method>``)."""
+    import lightning as L
+    from lightning.fabric.loggers import TensorBoardLogger
+
+    fabric = L.Fabric(
+        accelerator="cpu", devices=1, loggers=TensorBoardLogger(str(log_dir), name="", version="")
+    )
+    fabric.launch()
+    alg.fabric = fabric
+    return alg
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     """Tiny random CLIP: ``_pretrained_`` + ``mnist`` and ``eurosat`` models, train/val/test data."""

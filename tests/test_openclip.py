@@ -13,15 +13,13 @@ import json
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
-from lightning.fabric.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import run_fusion_bench  # noqa: E402
+from conftest import run_fusion_bench, with_log_dir  # noqa: E402
 from tiny_openclip import (  # noqa: E402
     build_tiny_openclip,
     make_sequence_first,
@@ -47,12 +45,7 @@ from statsmerge_plugin.method.statsmerging import StatsMergingForCLIP  # noqa: E
 TASKS = ("mnist", "eurosat")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +63,6 @@ def load(paths, name: str):
     """Pool entry ``name`` as the methods load it (FusionBench 0.2.33's ``load_model`` cannot
     unpickle a module under current torch, see ``load_openclip_model``)."""
     return load_openclip_model(make_pool(paths), name)
-
-
-def with_log_dir(alg, log_dir: Path):
-    fabric = L.Fabric(
-        accelerator="cpu", devices=1, loggers=TensorBoardLogger(str(log_dir), name="", version="")
-    )
-    fabric.launch()
-    alg.fabric = fabric
-    return alg
 
 
 def all_params(model) -> dict:

@@ -49,13 +49,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(shots_per_task=8, epochs_per_block=4, batch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one thread is faster and steadier on shared CPUs
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

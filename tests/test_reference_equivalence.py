@@ -21,16 +21,15 @@ import copy
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lightning.fabric.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import with_log_dir  # noqa: E402
 from tiny_openclip import build_tiny_openclip, openclip_pool_config  # noqa: E402
 
 from statsmerge_plugin.data import held_out_images, stack_images  # noqa: E402
@@ -48,12 +47,7 @@ TASKS = ("mnist", "eurosat")
 SEED = 0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -293,10 +287,6 @@ def test_per_tensor_learner_trains_to_the_official_coefficients(seq_first_opencl
     from where they start."""
     steps, per_task, hidden = 25, 4, 32
     pool = make_pool(seq_first_openclip)
-    fabric = L.Fabric(
-        accelerator="cpu", devices=1, loggers=TensorBoardLogger(str(tmp_path), name="", version="")
-    )
-    fabric.launch()
     alg = StatsMergingForCLIP(
         learner="per_tensor",
         granularity="layer_wise",
@@ -312,8 +302,7 @@ def test_per_tensor_learner_trains_to_the_official_coefficients(seq_first_opencl
         num_unlabelled_per_task=8,
         seed=SEED,
     )
-    alg.fabric = fabric
-    alg.run(pool)
+    with_log_dir(alg, tmp_path).run(pool)
     ours = torch.load(tmp_path / "statsmerging" / "coefficients.pt")["coefficients"]
 
     pool = make_pool(seq_first_openclip)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import damaged_checkpoint_copy, read_json
+from conftest import damaged_checkpoint_copy, read_json, with_log_dir
 from hydra.utils import instantiate
-from lightning.fabric.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 from tiny_clip import pool_config, with_noise_split
 
@@ -21,15 +19,6 @@ from statsmerge_plugin.method.statsmerging import StatsMergingForCLIP
 
 def make_pool(cfg: dict):
     return instantiate(DictConfig(cfg), _recursive_=False)
-
-
-def with_log_dir(alg, log_dir: Path):
-    fabric = L.Fabric(
-        accelerator="cpu", devices=1, loggers=TensorBoardLogger(str(log_dir), name="", version="")
-    )
-    fabric.launch()
-    alg.fabric = fabric
-    return alg
 
 
 def fast(**kw):
