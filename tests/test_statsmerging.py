@@ -540,6 +540,61 @@ def test_leaf_merge_folds_each_tensors_gradient_into_the_coefficients():
         LeafMerge(target, torch.rand(2, 3))
 
 
+def test_in_place_merge_gives_the_same_gradients_and_restores_theta_0():
+    """``in_place``: the step's leaves are theta_0's own storage holding the merge (no second
+    model-sized tensor), the coefficients' gradient is the one of the differentiable merge, and
+    leaving the block (also by an error) gives theta_0 back up to float rounding."""
+    from statsmerge_plugin.method.statsmerging.merge import LeafMerge, TaskVectorMerge
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    base.requires_grad_(False)
+    pretrained = {n: p.detach() for n, p in base.named_parameters()}
+    original = {n: p.clone() for n, p in pretrained.items()}
+    tvs = {n: 0.1 * torch.randn(2, *p.shape) for n, p in pretrained.items()}
+    target = TaskVectorMerge(base, pretrained, tvs)
+    x = torch.randn(6, 5)
+    for coefficients in (torch.rand(2, 4), torch.rand(2, 1)):  # layer-wise, task-wise
+        want = target.state(coefficients)
+        c = coefficients.clone().requires_grad_(True)
+        target.model(c)(x).pow(2).sum().backward()
+        with LeafMerge(target, coefficients, in_place=True) as merge:
+            for name, leaf in merge.state.items():
+                assert leaf.data_ptr() == pretrained[name].data_ptr(), name
+                torch.testing.assert_close(leaf.detach(), want[name])
+            with pytest.raises(RuntimeError, match="holds a merge in place"):
+                target.state(coefficients)  # theta_0 is the merge now: no merge on top of it
+            merge.model()(x).pow(2).sum().backward()
+            torch.testing.assert_close(merge.grad, c.grad)
+        for name in pretrained:
+            torch.testing.assert_close(pretrained[name], original[name], rtol=0, atol=1e-6)
+    with pytest.raises(ZeroDivisionError):
+        with target.merged_model(torch.rand(2, 4), in_place=True):
+            1 / 0
+    for name in pretrained:
+        torch.testing.assert_close(pretrained[name], original[name], rtol=0, atol=1e-6)
+    assert torch.equal(target.state(torch.zeros(2, 1))["0.weight"], pretrained["0.weight"])
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_final_merge_is_exactly_theta_0_plus_the_coefficients_merge(tiny_pool, tmp_path, in_place):
+    """The in-place merges of training round theta_0; the returned model starts again from theta_0
+    as loaded: bit for bit the merge rule applied to the pool's models with the saved
+    coefficients."""
+    from statsmerge_plugin.method.statsmerging.merge import merge_tensor
+
+    alg = with_log_dir(fast(merge_in_place=in_place), tmp_path)
+    merged = alg.run(tiny_pool)
+    saved = torch.load(tmp_path / "statsmerging" / "coefficients.pt")
+    base = tiny_pool.load_pretrained_model()
+    fts = [tiny_pool.load_model(t) for t in tiny_pool.model_names]
+    for l, name in enumerate(saved["tensor_names"]):
+        b = base.get_parameter(name).detach()
+        tvs = torch.stack([ft.get_parameter(name).detach() - b for ft in fts])
+        want = merge_tensor(b, tvs, saved["coefficients"][:, l], name)
+        assert torch.equal(merged.get_parameter(name).detach(), want), name
+
+
 def summary_and_coefficients(log_dir: Path):
     out = log_dir / "statsmerging"
     return read_json(out / "summary.json"), torch.load(out / "coefficients.pt")["coefficients"]

@@ -89,6 +89,7 @@ from statsmerge_plugin.method.statsmerging.merge import (
     LeafMerge,
     SavedActivations,
     TaskVectorMerge,
+    restore_state,
 )
 from statsmerge_plugin.method.statsmerging.statistics import (
     FEATURE_GROUPS,
@@ -231,6 +232,11 @@ class StatsMergingForCLIP(
         eval_every: steps between selection evaluations (the start and the last step are evaluated too).
         patience: evaluations without improvement before ``early_stop`` stops.
         teacher_batch_size: batch size when labelling images with the teachers (and evaluating).
+        merge_in_place: hold each step's (and each evaluation's) merge in theta_0's own storage and
+            restore theta_0 afterwards, instead of building a second model-sized copy next to it
+            (ViT-B/32: 0.33 GiB, ViT-L/14: 1.13 GiB less at the peak). The restore is exact up to float
+            rounding (~3e-7 relative drift of theta_0 over 500 steps); the final merge starts from
+            theta_0 reloaded from the pool, so the merged model is exactly theta_0 + sum_k lambda_k tau_k.
         seed: seeds data sampling and the learner's initialisation.
         save_outputs: write coefficients, statistics, loss curve and heatmap into the log dir.
         overwrite: allow replacing an earlier run's files (an existing, non-empty
@@ -271,6 +277,7 @@ class StatsMergingForCLIP(
         eval_every: int = 25,
         patience: int = 4,
         teacher_batch_size: int = 64,
+        merge_in_place: bool = True,
         seed: int = 0,
         save_outputs: bool = True,
         overwrite: bool = False,
@@ -318,6 +325,7 @@ class StatsMergingForCLIP(
                 "expected a fraction in (0, 1)"
             )
         check_bool("zero_init_output", self.zero_init_output)
+        check_bool("merge_in_place", self.merge_in_place)
         check_bool("save_outputs", self.save_outputs)
         check_bool("overwrite", self.overwrite)
         if self.learner == "per_tensor" and self.stats_source != "task_vector":
@@ -382,6 +390,9 @@ class StatsMergingForCLIP(
         columns = names if coefficients.shape[1] == len(names) else ["all tensors"]
         check_finite_coefficients("StatsMerging", coefficients, tasks, columns)
         with torch.no_grad():
+            if self.merge_in_place:  # theta_0 as loaded, without the in-place merges' rounding
+                with self.profile("reload pretrained model"):
+                    restore_state(base_state, load_pool_model(modelpool, PRETRAINED))
             merged_state = target.state(coefficients)
             check_finite("merged model", merged_state)
             base.load_state_dict(merged_state, strict=False)
@@ -691,19 +702,19 @@ class StatsMergingForCLIP(
         """Per task, over all of ``images``: the task's training loss (as weighted by
         ``task_weighting``, before the combination over tasks) and the agreement with its teacher.
         """
-        merged = target.model(coefficients)
         result = {"loss": {}, "agreement": {}}
-        for t in images:
-            logits = torch.cat(
-                [
-                    self.compute_logits(merged, self.to_device(chunk), t)
-                    for chunk in images[t].split(self.teacher_batch_size)
-                ]
-            )
-            result["loss"][t] = float(
-                task_loss(self.loss, logits, teacher[t], self.temperature, self.task_weighting)
-            )
-            result["agreement"][t] = agreement(logits, teacher[t])
+        with target.merged_model(coefficients, in_place=self.merge_in_place) as merged:
+            for t in images:
+                logits = torch.cat(
+                    [
+                        self.compute_logits(merged, self.to_device(chunk), t)
+                        for chunk in images[t].split(self.teacher_batch_size)
+                    ]
+                )
+                result["loss"][t] = float(
+                    task_loss(self.loss, logits, teacher[t], self.temperature, self.task_weighting)
+                )
+                result["agreement"][t] = agreement(logits, teacher[t])
         return result
 
     def distillation_step(
@@ -749,7 +760,7 @@ class StatsMergingForCLIP(
         coefficients = learner(learner_features)
         total = torch.zeros(())
         tasks = list(batches)
-        with LeafMerge(target, coefficients) as merge:
+        with LeafMerge(target, coefficients, in_place=self.merge_in_place) as merge:
             merged = merge.model()
             while tasks:
                 group = self.backward_group(tasks, batches)
