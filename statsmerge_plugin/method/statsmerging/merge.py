@@ -160,23 +160,35 @@ class TaskVectorMerge:
         rounding (see the module docstring)."""
         self._check_not_applied()
         coefficients = coefficients.detach()
-        column = coefficient_columns(coefficients, self.names)
-        done: List[int] = []
+        done: List[str] = []
         self._applied = True
         try:
-            with torch.no_grad():
-                for l, name in enumerate(self.names):
-                    c = coefficients[:, column(l)]
-                    merge_tensor_(self.pretrained[name], self.task_vectors[name], c, name)
-                    done.append(l)
+            self.merge_(coefficients, done=done)
             yield self.pretrained
         finally:
-            with torch.no_grad():
-                for l in done:
-                    name = self.names[l]
-                    c = coefficients[:, column(l)]
-                    merge_tensor_(self.pretrained[name], self.task_vectors[name], c, name, -1.0)
+            self.merge_(coefficients, alpha=-1.0, names=done)
             self._applied = False
+
+    @torch.no_grad()
+    def merge_(
+        self,
+        coefficients: torch.Tensor,
+        alpha: float = 1.0,
+        names: Optional[Sequence[str]] = None,
+        done: Optional[List[str]] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """In place: ``theta_0^l += alpha * sum_k lambda_k^l tau_k^l`` for every tensor (or those in
+        ``names``), one tensor at a time; ``done`` collects the names merged so far. Returns
+        theta_0's tensors, which now hold the merge (use :meth:`applied` to get theta_0 back)."""
+        column = coefficient_columns(coefficients, self.names)
+        wanted = None if names is None else set(names)
+        for l, name in enumerate(self.names):
+            if wanted is None or name in wanted:
+                c = coefficients[:, column(l)]
+                merge_tensor_(self.pretrained[name], self.task_vectors[name], c, name, alpha)
+                if done is not None:
+                    done.append(name)
+        return self.pretrained
 
     @contextmanager
     def merged_model(

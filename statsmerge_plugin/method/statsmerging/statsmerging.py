@@ -57,6 +57,7 @@ from statsmerge_plugin.data import (
     resolve_held_out_source,
     stack_images,
 )
+from statsmerge_plugin.memory import release_free_memory
 from statsmerge_plugin.method.openclip import OpenCLIPSupportMixin, load_classification_heads
 from statsmerge_plugin.method.prodistill.block_io import load_pool_model, open_reader
 from statsmerge_plugin.method.prodistill.layers import (
@@ -382,20 +383,24 @@ class StatsMergingForCLIP(
         train, held = self.split_for_selection(tasks, images, teacher, data_read)
         target = TaskVectorMerge(base, base_state, task_vectors)
         learner_features = self.learner_features(task_vectors, features, names)
+        release_free_memory()  # what loading and the statistics freed, before training
         coefficients, losses, report = self.train_learner(
             tasks, target, learner_features, *train, held
         )
+        release_free_memory()  # the training steps' activations, before the final merge
 
         # nothing non-finite is ever saved or evaluated
         columns = names if coefficients.shape[1] == len(names) else ["all tensors"]
         check_finite_coefficients("StatsMerging", coefficients, tasks, columns)
         with torch.no_grad():
-            if self.merge_in_place:  # theta_0 as loaded, without the in-place merges' rounding
-                with self.profile("reload pretrained model"):
+            if self.merge_in_place:  # theta_0 as loaded (without the in-place merges' rounding),
+                with self.profile("reload pretrained model"):  # then merged in its own storage
                     restore_state(base_state, load_pool_model(modelpool, PRETRAINED))
-            merged_state = target.state(coefficients)
-            check_finite("merged model", merged_state)
-            base.load_state_dict(merged_state, strict=False)
+                check_finite("merged model", target.merge_(coefficients))
+            else:
+                merged_state = target.state(coefficients)
+                check_finite("merged model", merged_state)
+                base.load_state_dict(merged_state, strict=False)
         summary = {
             "method": "statsmerging",
             "granularity": self.granularity,
@@ -543,6 +548,7 @@ class StatsMergingForCLIP(
                         exact_max_numel=self.svd_exact_max_numel,
                     ).cpu()
             del model, state
+            release_free_memory()  # the model's heap memory, before the next one loads
         return task_vectors, features, teacher
 
     def learner_features(
