@@ -16,7 +16,11 @@ next to the per-task accuracies:
   sets under that corruption; *clean*, one group per corruption, and *corrupted* (all corrupted sets).
 
 "Individual" runs each task's own model on its own task pool keys (clean and corrupted); unseen tasks
-have no model, so its average and the normalized accuracy are over the seen tasks.
+have no model, so its average and the normalized accuracy are over the seen tasks. Methods that adapt to
+the unlabelled test images of their model pool (layer-wise AdaMerging) follow FusionBench's robustness
+protocol when the model pool is a ``*_robustness_clean`` pool: one run on the clean pool for the clean
+keys, and one per corruption on its ``*_robustness_corrupted`` twin (``+corruption=<name>``) for that
+corruption's keys, so each adapts to the images it is evaluated on.
 
 Example::
 
@@ -104,6 +108,8 @@ OUR_METHODS = {"statsmerging_tw", "statsmerging_lw", "statsmerging_free", "prodi
 # methods whose result depends on the seed (learned coefficients, sampled images); the others are run
 # once, with the first seed, since every seed gives the same model
 SEEDED_METHODS = OUR_METHODS | {"adamerging_lw", "fisher", "regmean"}
+# methods that adapt to the unlabelled test images of the model pool (test-time adaptation)
+TEST_TIME_METHODS = {"adamerging_lw"}
 
 
 def seeds_for(method: str, seeds: Sequence[int]) -> List[int]:
@@ -138,6 +144,20 @@ class RunResult:
     peak_rss_mb: float = 0.0
     error: str = ""
     log_dir: str = ""
+    conditions: List[str] = field(default_factory=list)  # test-time adaptation: one run each
+
+
+@dataclass
+class Part:
+    """One process of a method that is run in parts: the task-pool keys it evaluates, its extra
+    overrides, its log dir's name, its model pool (``None``: ``--modelpool``) and the test condition
+    it adapted to (test-time adaptation, else empty)."""
+
+    keys: List[str]
+    overrides: List[str]
+    tag: str
+    modelpool: Optional[str] = None
+    condition: str = ""
 
 
 def fusion_bench_command(
@@ -167,6 +187,14 @@ def run_process(cmd: List[str], cwd: Path, log_file: Path, timeout: float) -> tu
             time.sleep(0.2)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, time.time() - start, usage.ru_maxrss / 1024
+
+
+def corrupted_modelpool(modelpool: str) -> Optional[str]:
+    """The ``*_robustness_corrupted`` twin of a ``*_robustness_clean`` model pool (FusionBench's
+    pairs, and the mini ones), whose test sets are those under ``${corruption}``; else ``None``."""
+    if "_robustness_clean" not in modelpool:
+        return None
+    return modelpool.replace("_robustness_clean", "_robustness_corrupted")
 
 
 def last_error_line(log_file: Path) -> str:
@@ -236,6 +264,7 @@ class Leaderboard:
             "print_config=false",
             *args.override,
         ]
+        self.severity = 1  # of the task pool's corrupted sets (read when the pools are composed)
         self.method_overrides: Dict[str, List[str]] = {}
         for item in args.method_override:
             name, _, override = item.partition(":")
@@ -267,9 +296,23 @@ class Leaderboard:
         job = OmegaConf.create(proc.stdout)
         models = (job.modelpool.get("models") or {}) if "modelpool" in job else {}
         names = [m for m in models if not (str(m).startswith("_") and str(m).endswith("_"))]
+        self.severity = job.taskpool.get("severity", 1)
         return list(job.taskpool.test_datasets.keys()), names
 
-    def run_one(self, method: str, seed: int, overrides: List[str], tag: str) -> RunResult:
+    def run_one(
+        self,
+        method: str,
+        seed: int,
+        overrides: List[str],
+        tag: str,
+        modelpool: Optional[str] = None,
+    ) -> RunResult:
+        """One ``fusion_bench`` process (``modelpool``: instead of ``--modelpool``)."""
+        common = self.common
+        if modelpool is not None:
+            common = [f"modelpool={modelpool}"] + [
+                o for o in common if not o.startswith("modelpool=")
+            ]
         log_dir = (self.runs_dir / tag).resolve()
         if log_dir.exists():
             i = 1
@@ -279,7 +322,7 @@ class Leaderboard:
         log_dir.mkdir(parents=True)
         cmd = fusion_bench_command(
             self.args.python,
-            [*self.common, *overrides, f"seed={seed}", f"path.log_dir={log_dir}"],
+            [*common, *overrides, f"seed={seed}", f"path.log_dir={log_dir}"],
             self.args.config_dir,
         )
         (log_dir / "command.txt").write_text(shlex.join(cmd) + "\n")
@@ -308,24 +351,68 @@ class Leaderboard:
         overrides = list(overrides) + self.method_overrides.get(method, [])
         if method in OUR_METHODS:
             overrides.append(f"method.seed={seed}")
+        if method in TEST_TIME_METHODS and self.adapts_per_corruption(tasks):
+            return self.run_per_condition(method, seed, overrides, tasks)
         if method != "individual":
             return self.run_one(method, seed, overrides, f"{method}_seed{seed}")
-        total = RunResult(method, seed)
         # each fine-tuned model, evaluated on its own task only (clean and corrupted test sets)
-        for task, keys in individual_runs(tasks, model_names).items():
-            others = [f"~taskpool.test_datasets.{t}" for t in tasks if t not in keys]
-            one = self.run_one(
-                method,
-                seed,
-                overrides
-                + [f"modelpool.models._pretrained_=${{modelpool.models.{task}}}", *others],
+        parts = [
+            Part(
+                keys,
+                [f"modelpool.models._pretrained_=${{modelpool.models.{task}}}"],
                 f"individual_{task}_seed{seed}",
+            )
+            for task, keys in individual_runs(tasks, model_names).items()
+        ]
+        return self.run_parts(method, seed, overrides, tasks, parts)
+
+    def adapts_per_corruption(self, tasks: Sequence[str]) -> bool:
+        """Whether a test-time adaptation method runs once per test condition: corrupted keys in the
+        task pool and a clean robustness pool with a corrupted twin."""
+        if not any(split_key(t)[1] for t in tasks):
+            return False
+        if corrupted_modelpool(self.args.modelpool) is None:
+            print(
+                f"[leaderboard] warning: {self.args.modelpool!r} is not a *_robustness_clean pool; "
+                "test-time adaptation methods adapt on its test sets only",
+                flush=True,
+            )
+            return False
+        return True
+
+    def run_per_condition(
+        self, method: str, seed: int, overrides: List[str], tasks: List[str]
+    ) -> RunResult:
+        """FusionBench's robustness protocol for test-time adaptation: the clean keys from a run on the
+        clean pool, each corruption's keys from a run on the corrupted twin under that corruption
+        (adapting on those test images)."""
+        groups = task_groups(tasks)
+        corrupted = corrupted_modelpool(self.args.modelpool)
+        parts = [Part(groups["clean"], [], f"{method}_clean_seed{seed}", condition="clean")]
+        for c in CORRUPTIONS:
+            if c in groups:
+                extra = [f"+corruption={c}", f"+corruption_severity={self.severity}"]
+                parts.append(Part(groups[c], extra, f"{method}_{c}_seed{seed}", corrupted, c))
+        return self.run_parts(method, seed, overrides, tasks, parts)
+
+    def run_parts(
+        self, method: str, seed: int, overrides: List[str], tasks: List[str], parts: List["Part"]
+    ) -> RunResult:
+        """One process per part, each evaluating only its task-pool keys; their accuracies, summed
+        wall times and largest peak memory as one result (the first failure, if any)."""
+        total = RunResult(method, seed)
+        for part in parts:
+            others = [f"~taskpool.test_datasets.{t}" for t in tasks if t not in part.keys]
+            one = self.run_one(
+                method, seed, overrides + part.overrides + others, part.tag, part.modelpool
             )
             total.wall_time_s += one.wall_time_s
             total.peak_rss_mb = max(total.peak_rss_mb, one.peak_rss_mb)
             if one.status != "ok":
                 return one
-            total.accuracy.update({k: one.accuracy[k] for k in keys})
+            total.accuracy.update({k: one.accuracy[k] for k in part.keys})
+            if part.condition:
+                total.conditions.append(part.condition)
         return total
 
     def run(self) -> dict:
@@ -367,9 +454,14 @@ def summarize(
         )
         covered = [t for t in tasks if t in covered]
         ok = [r for r in runs if r.status == "ok" and all(t in r.accuracy for t in covered)]
+        note = METHODS[method][2]
+        if any(r.conditions for r in runs):
+            note += (
+                "; adapted once per test condition (clean, each corruption), as FusionBench does"
+            )
         row = {
             "label": METHODS[method][0],
-            "note": METHODS[method][2],
+            "note": note,
             "seeds": [r.seed for r in runs],
             "status": (
                 "ok" if ok and len(ok) == len(runs) else (runs[0].status if not ok else "partial")

@@ -292,6 +292,60 @@ def test_clean_vs_corrupted_accuracy_on_the_mini_robustness_task_pool(
     }
 
 
+def test_test_time_adaptation_runs_once_per_condition_on_the_sets_it_is_evaluated_on(
+    tmp_path, monkeypatch
+):
+    """FusionBench's robustness protocol for AdaMerging: one run on the clean pool for the clean
+    keys, one per corruption on the corrupted twin (adapting on those test images) for that
+    corruption's keys; each part's overrides compose with the real configs, and its model pool's
+    test sets are the corruption it is evaluated on. Methods without test-time adaptation run once.
+    """
+    from statsmerge_plugin import leaderboard as L
+
+    clean_pool = "CLIPVisionModelPool/mini-clip_robustness_clean"
+    taskpool = "CLIPVisionModelTaskPool/mini-clip_robustness"
+    args = L.parse_args(
+        ["--modelpool", clean_pool, "--taskpool", taskpool, "--out", str(tmp_path / "lb")]
+        + ["--override", "taskpool.severity=2"]
+    )
+    board = L.Leaderboard(args)
+    tasks, _ = board.composed_pools()  # fusion_bench --cfg job
+    assert len(tasks) == 32 and board.severity == 2
+    calls = []
+
+    def run_one(method, seed, overrides, tag, modelpool=None):
+        calls.append((method, overrides, modelpool or clean_pool))
+        keys = [t for t in tasks if f"~taskpool.test_datasets.{t}" not in overrides]
+        return RunResult(method, seed, accuracy={k: 0.5 for k in keys}, wall_time_s=1.0)
+
+    monkeypatch.setattr(board, "run_one", run_one)
+    result = board.run_method("adamerging_lw", 0, tasks)
+    assert result.conditions == ["clean", *C.CORRUPTIONS]
+    assert sorted(result.accuracy) == sorted(tasks) and result.wall_time_s == 8.0
+    groups = task_groups(tasks)
+    for (method, overrides, modelpool), condition in zip(calls, result.conditions):
+        cfg = _compose(
+            "fabric_model_fusion",
+            [f"modelpool={modelpool}", f"taskpool={taskpool}", "taskpool.severity=2", *overrides],
+        )
+        assert sorted(cfg.taskpool.test_datasets) == sorted(groups[condition])
+        if condition == "clean":
+            assert modelpool == clean_pool and "corruption" not in cfg
+            continue
+        assert modelpool == "CLIPVisionModelPool/mini-clip_robustness_corrupted"
+        for key in groups[condition]:  # adapts on the very test sets it is evaluated on
+            task = key.split("__")[0]
+            node = f"modelpool.test_datasets.{task}"
+            assert OmegaConf.select(cfg, f"{node}.corruption") == condition
+            assert OmegaConf.select(cfg, f"{node}.severity") == 2
+            assert cfg.taskpool.test_datasets[key].corruption == condition
+    summary = summarize([result], tasks, ["adamerging_lw"])
+    assert "adapted once per test condition" in summary["methods"]["adamerging_lw"]["note"]
+    calls.clear()
+    assert board.run_method("task_arithmetic", 0, tasks).conditions == []
+    assert len(calls) == 1 and calls[0][2] == clean_pool
+
+
 # ------------------------------------------------------------------------------------------------
 # FusionBench's own generalization / robustness configs compose with both methods
 
