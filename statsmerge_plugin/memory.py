@@ -30,10 +30,11 @@ def _malloc_trim() -> Optional[ctypes._CFuncPtr]:
     return trim
 
 
-def release_free_memory() -> bool:
-    """Collect garbage, then return the C heap's free pages to the OS; ``True`` if the C library
-    could (glibc ``malloc_trim(0)``)."""
-    gc.collect()
+def release_free_memory(collect: bool = True) -> bool:
+    """Collect garbage (``collect``), then return the C heap's free pages to the OS; ``True`` if the
+    C library could (glibc ``malloc_trim(0)``)."""
+    if collect:
+        gc.collect()
     trim = _malloc_trim()
     if trim is None:
         return False
