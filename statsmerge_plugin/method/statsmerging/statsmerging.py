@@ -784,6 +784,7 @@ class StatsMergingForCLIP(
                 part.backward()
                 total = total + part.detach().cpu()
                 del part
+                release_free_memory(collect=False)  # this group's activations, before the next
             gradient = merge.grad
         self.fabric.backward(coefficients, gradient)
         return total
