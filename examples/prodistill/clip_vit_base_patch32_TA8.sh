@@ -4,8 +4,8 @@
 # The `_val` model pool is FusionBench's pool plus its validation splits, where ProDistill draws its
 # unlabelled images (the test splits are only evaluated, by the task pool).
 #
-# Time and memory: Measured (docs/real-scale.md, CPU, 8 tasks): peak host memory 2.85 GiB (one block at a time);
-# 6.4 s per step of 128 samples on a 2-core CPU, 8.6 h projected for the default run on that CPU.
+# Time and memory: Measured (docs/real-scale.md, CPU, 8 tasks): peak host memory 2.84 GiB (one block at a time);
+# 4.3 s per step of 128 samples on one CPU core, 5.8 h projected for the default run on that core.
 # GPU time and GPU memory: not measured (fits a 24 GB GPU by the real-scale page's figures).
 #
 # Usage: bash examples/prodistill/clip_vit_base_patch32_TA8.sh [extra Hydra overrides, e.g. method.seed=1]

@@ -5,8 +5,9 @@
 # unlabelled images (the test splits are only evaluated, by the task pool).
 #
 # Time and memory: Not measured. Projection: ViT-B/16 has ViT-B/32's weights (86-87 M parameters) but 197 instead of
-# 50 tokens per image, so the activations of a step's 32 images grow about 4x (1.3 GiB -> ~5 GiB):
-# roughly 10 GB peak (projection, not a measurement); time per step several times B/32's.
+# 50 tokens per image, so the activations of one task's 4 images (one backward pass) grow about 4x
+# (0.15 GiB -> ~0.6 GiB): roughly 5 GB peak host memory against B/32's 4.4 GiB (projection, not a
+# measurement); time per step several times B/32's.
 #
 # Usage: bash examples/statsmerging/clip_vit_base_patch16_TA8.sh [extra Hydra overrides, e.g. method.seed=1]
 set -euo pipefail

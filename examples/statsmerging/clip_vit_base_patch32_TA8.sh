@@ -4,8 +4,9 @@
 # The `_val` model pool is FusionBench's pool plus its validation splits, where StatsMerging draws its
 # unlabelled images (the test splits are only evaluated, by the task pool).
 #
-# Time and memory: Measured (docs/real-scale.md, CPU, 8 tasks): peak host memory 5.92 GiB; 16 s per
-# training step at 32 images on a 2-core CPU, 2.4 h projected for the default 500 steps on that CPU.
+# Time and memory: Measured (docs/real-scale.md, CPU, 8 tasks): peak host memory 4.40 GiB (1.5 x theta_0 +
+# all task vectors); 12.9 s per training step at 32 images on one CPU core, 1.9 h projected for the default
+# 500 steps on that core.
 # GPU time and GPU memory: not measured (the real-scale page expects it to fit a 24 GB GPU).
 #
 # Usage: bash examples/statsmerging/clip_vit_base_patch32_TA8.sh [extra Hydra overrides, e.g. method.seed=1]
