@@ -4,8 +4,8 @@
 # The `_val` model pool is FusionBench's pool plus its validation splits, where ProDistill draws its
 # unlabelled images (the test splits are only evaluated, by the task pool).
 #
-# Time and memory: Measured with 2 of the 8 tasks (docs/real-scale.md, CPU): peak host memory 5.42 GiB, 62 s per
-# step of 128 samples. Projection for 8 tasks: ~7 GB (set by one block, not by full models).
+# Time and memory: Measured with 2 of the 8 tasks (docs/real-scale.md, CPU): peak host memory 5.45 GiB, 34 s per
+# step of 128 samples on one CPU core. Projection for 8 tasks: ~7 GB (set by one block, not by full models).
 #
 # Usage: bash examples/prodistill/clip_vit_large_patch14_TA8.sh [extra Hydra overrides, e.g. method.seed=1]
 set -euo pipefail

@@ -4,9 +4,9 @@
 # The `_val` model pool is FusionBench's pool plus its validation splits, where StatsMerging draws its
 # unlabelled images (the test splits are only evaluated, by the task pool).
 #
-# Time and memory: Measured with 2 of the 8 tasks (docs/real-scale.md, CPU): peak host memory 10.34 GiB, 64 s per
-# step at 8 images. Projection for 8 tasks: ~27 GB (one backward of the summed loss keeps 32
-# images' activations): needs a GPU with >= 32 GB (does not fit 24 GB).
+# Time and memory: Measured with 2 of the 8 tasks (docs/real-scale.md, CPU): peak host memory 6.74 GiB, 52 s per
+# step at 8 images on one CPU core. Projection for 8 tasks: ~13.4 GB (theta_0 + 8 task vectors are
+# 10.2 GiB; one task's activations at a time): a 24 GB GPU fits, 16 GB is tight.
 #
 # Usage: bash examples/statsmerging/clip_vit_large_patch14_TA8.sh [extra Hydra overrides, e.g. method.seed=1]
 set -euo pipefail
