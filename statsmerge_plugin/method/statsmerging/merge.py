@@ -81,20 +81,6 @@ def check_mergeable(pretrained, task_vectors, coefficients, name: str) -> None:
         )
 
 
-def restore_state(state: Mapping[str, torch.Tensor], model: nn.Module) -> None:
-    """Copy ``model``'s parameters into the tensors of ``state`` (same names), in place, one tensor
-    at a time (e.g. theta_0 as loaded, over a theta_0 that in-place merges have rounded)."""
-    params = dict(model.named_parameters())
-    missing = [name for name in state if name not in params]
-    if missing:
-        raise ValueError(
-            f"cannot restore tensors {missing[:3]} (of {len(missing)}): not in the model"
-        )
-    with torch.no_grad():
-        for name, tensor in state.items():
-            tensor.copy_(params[name])
-
-
 def coefficient_columns(coefficients: torch.Tensor, names: Sequence[str]) -> Callable[[int], int]:
     """``l -> column`` of tensor ``l`` in ``[K, L]`` (layer-wise) or ``[K, 1]`` (task-wise)
     coefficients; ``ValueError`` for any other shape."""

@@ -90,7 +90,6 @@ from statsmerge_plugin.method.statsmerging.merge import (
     LeafMerge,
     SavedActivations,
     TaskVectorMerge,
-    restore_state,
 )
 from statsmerge_plugin.method.statsmerging.statistics import (
     FEATURE_GROUPS,
@@ -395,7 +394,7 @@ class StatsMergingForCLIP(
         with torch.no_grad():
             if self.merge_in_place:  # theta_0 as loaded (without the in-place merges' rounding),
                 with self.profile("reload pretrained model"):  # then merged in its own storage
-                    restore_state(base_state, load_pool_model(modelpool, PRETRAINED))
+                    base.load_state_dict(load_pool_model(modelpool, PRETRAINED).state_dict())
                 check_finite("merged model", target.merge_(coefficients))
             else:
                 merged_state = target.state(coefficients)
@@ -638,7 +637,6 @@ class StatsMergingForCLIP(
                 check_finite_gradients("StatsMerging", learner.parameters(), step + 1)
                 optimizer.step()
                 scheduler.step()
-                release_free_memory(collect=False)  # the step's activations: no growth over steps
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
             if selector is not None and ((step + 1) % self.eval_every == 0 or step + 1 == steps):
