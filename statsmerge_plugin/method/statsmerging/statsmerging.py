@@ -637,6 +637,7 @@ class StatsMergingForCLIP(
                 check_finite_gradients("StatsMerging", learner.parameters(), step + 1)
                 optimizer.step()
                 scheduler.step()
+                release_free_memory(collect=False)  # the learner backward's and Adam's temporaries
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
             if selector is not None and ((step + 1) % self.eval_every == 0 or step + 1 == steps):
