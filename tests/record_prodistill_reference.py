@@ -69,19 +69,30 @@ def smoke_mini_pool(root: Path, mini_root: Path = None):
         recipe=get_recipe("smoke").replace(num_threads=1),
         progress=False,
     )
-    os.environ["STATSMERGE_MINI_ROOT"] = str(mini_root)
+    os.environ["STATSMERGE_MINI_ROOT"] = str(mini_root)  # read by the pool YAML's resolver
     os.environ["STATSMERGE_MINI_PRESET"] = "smoke"
     register_resolver()
     repo = Path(__file__).resolve().parents[1]
-    return instantiate(OmegaConf.load(repo / "config/modelpool/CLIPVisionModelPool/mini-clip_TA8.yaml"))
+    return instantiate(
+        OmegaConf.load(repo / "config/modelpool/CLIPVisionModelPool/mini-clip_TA8.yaml")
+    )
 
 
-POOLS = {"tiny_clip": tiny_clip_pool, "tiny_openclip": tiny_openclip_pool, "smoke_mini": smoke_mini_pool}
+POOLS = {
+    "tiny_clip": tiny_clip_pool,
+    "tiny_openclip": tiny_openclip_pool,
+    "smoke_mini": smoke_mini_pool,
+}
 
 
 def run(pool) -> dict:
+    import os
+
     from statsmerge_plugin.method.prodistill import ProDistillForCLIP
 
+    # one thread: the bits of a float32 matmul depend on how many threads split its sums (the
+    # methods set torch's thread count from this variable, see statsmerge_plugin/threads.py)
+    os.environ["STATSMERGE_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     return digest(ProDistillForCLIP(**OPTIONS).run(pool))
 

@@ -86,7 +86,7 @@ def test_the_pool_is_fusion_bench_openclip_pool_and_loads_the_pickles(tiny_openc
         pickle.UnpicklingError
     ):  # FusionBench 0.2.33 alone (torch.load weights_only)
         pool.load_model("_pretrained_")
-    from statsmerge_plugin.method.prodistill.block_io import load_pool_model
+    from statsmerge_plugin.model_io import load_pool_model
 
     encoder = load_pool_model(pool, "_pretrained_")
     assert type(encoder).__name__ == "ImageEncoder"

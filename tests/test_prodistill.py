@@ -41,6 +41,7 @@ from statsmerge_plugin.method.prodistill.merge import (
     task_arithmetic,
     task_vectors,
 )
+from statsmerge_plugin.model_io import make_reader
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_clip import build_tiny_clip, pool_config, with_noise_split  # noqa: E402
@@ -250,13 +251,18 @@ def test_reading_paths_and_disk_cache_give_the_same_merge(tiny, tmp_path):
 
     from fusion_bench.modelpool import CLIPVisionModelPool
 
+    bin_only = tmp_path / "eurosat_bin"
+    CLIPVisionModel.from_pretrained(tiny["models"]["eurosat"]).save_pretrained(
+        bin_only, safe_serialization=False
+    )
+
     models = {
         "_pretrained_": str(tiny["pretrained"]),
         "mnist": CLIPVisionModel.from_pretrained(tiny["models"]["mnist"]),  # in memory
-        "eurosat": DictConfig(  # not streamable: loaded once and converted
+        "eurosat": DictConfig(  # only pytorch_model.bin, not streamable: loaded once, converted
             {
                 "_target_": "transformers.CLIPVisionModel.from_pretrained",
-                "pretrained_model_name_or_path": str(tiny["models"]["eurosat"]),
+                "pretrained_model_name_or_path": str(bin_only),
             }
         ),
     }
@@ -273,6 +279,14 @@ def test_reading_paths_and_disk_cache_give_the_same_merge(tiny, tmp_path):
     assert sources["_pretrained_"].endswith("model.safetensors")  # streamed
     assert sources["mnist"] == "in-memory nn.Module"
     assert sources["eurosat"] == str(scratch / "converted" / "eurosat.safetensors")  # fallback
+    # a `from_pretrained` config of a safetensors checkpoint is streamed like a path (gpt-2_glue and
+    # CausalLMPool entries are such configs)
+    entry = DictConfig({"pretrained_model_name_or_path": str(tiny["models"]["eurosat"])})
+    assert make_reader(
+        CLIPVisionModelPool({"_pretrained_": entry}, processor=cfg["processor"]),
+        "_pretrained_",
+        tmp_path / "unused",
+    ).source.endswith("ft_eurosat/model.safetensors")
     assert not any(scratch.rglob("*.safetensors")) and not any(scratch.rglob("*.bin"))  # cleaned
     for (n, a), (_, b) in zip(ref.named_parameters(), other.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)

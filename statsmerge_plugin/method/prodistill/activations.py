@@ -147,6 +147,8 @@ class DualStreamCache:
         placement: ``"device"``, ``"memory"`` or ``"disk"`` (see :func:`cache_placement`).
         device: the compute device (where ``device`` places the streams and gathers deliver).
         directory: where the files go for ``disk``.
+        masks: ``[N, seq]`` real-token masks of text samples (one per sample, shared by both
+            streams; on the compute device, they are small); ``None`` for images.
     """
 
     def __init__(
@@ -158,7 +160,11 @@ class DualStreamCache:
         placement: str = "memory",
         device="cpu",
         directory: Optional[Path] = None,
+        masks: Optional[Tensor] = None,
     ):
+        if masks is not None and tuple(masks.shape) != (num_samples, seq_len):
+            raise ValueError(f"masks must have shape ({num_samples}, {seq_len}), got {masks.shape}")
+        self.masks = None if masks is None else masks.to(torch.bool).to(device)
         if task_ids.shape != (num_samples,):
             raise ValueError(
                 f"task_ids must have shape ({num_samples},), got {tuple(task_ids.shape)}"
@@ -228,6 +234,12 @@ class DualStreamCache:
         if not self.staged:
             return source.index_select(0, indices.to(source.device))
         return staged_gather(source, indices, self._staging[stream], self.device)
+
+    def gather_mask(self, indices: Tensor) -> Optional[Tensor]:
+        """Real-token masks ``[len(indices), seq]`` on the compute device (``None`` for images)."""
+        if self.masks is None:
+            return None
+        return self.masks.index_select(0, indices.to(self.masks.device))
 
     def scatter(self, stream: str, indices: Tensor, values: Tensor) -> None:
         """Write ``values`` into rows ``indices`` of ``stream``."""

@@ -1,13 +1,15 @@
-R"""Where ProDistill's "blocks" live in a Hugging Face ``CLIPVisionModel`` and how to call one
-functionally (spec §5.12, §6).
+R"""ProDistill's per-architecture adapters (:class:`BlockLayout`): where a model keeps its blocks and
+its embedding stage, and how to call one block functionally (spec §5.12, §6). The vision adapters are
+here (Hugging Face ``CLIPVisionModel``, open_clip ``ImageEncoder``); the language ones (GPT-2, decoder
+LMs) in :mod:`.text_layers`. :func:`block_layout` picks the adapter of a model.
 
-Parameter names are handled *relative to the vision backbone* ("canonical" names such as
-``encoder.layers.3.mlp.fc1.weight`` or ``embeddings.patch_embedding.weight``), which is what both
-transformers 4 (``model.vision_model.<name>``) and 5 (flattened ``model.<name>``) agree on.
+Parameter names are canonical (:mod:`statsmerge_plugin.model_io.canonical`): relative to the vision
+backbone for CLIP, the model's own names for language models.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -16,73 +18,34 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-BLOCK_PATTERN = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
+from ...model_io.canonical import (  # noqa: F401 - re-exported for callers of this module
+    BLOCK_PATTERN,
+    block_of,
+    block_prefix,
+    canonical_buffers,
+    canonical_parameters,
+    group_names,
+    vision_backbone,
+    weight_groups,
+)
 
 
-def vision_backbone(model: nn.Module) -> nn.Module:
-    """The ``CLIPVisionTransformer`` of a ``CLIPVisionModel`` (transformers 4), the vision tower
-    ``model.model.visual`` of an open_clip ``ImageEncoder`` (FusionBench's OpenCLIP pools), or the
-    model itself (transformers 5, where ``CLIPVisionModel`` is flattened)."""
-    if hasattr(model, "vision_model"):
-        return model.vision_model
-    visual = getattr(getattr(model, "model", None), "visual", None)
-    return visual if isinstance(visual, nn.Module) else model
-
-
-def block_of(name: str) -> Optional[Tuple[int, str]]:
-    """``"encoder.layers.3.mlp.fc1.weight"`` → ``(3, "mlp.fc1.weight")``; ``None`` outside blocks."""
-    m = BLOCK_PATTERN.match(name)
-    return (int(m.group(1)), m.group(2)) if m else None
-
-
-def group_names(names) -> Tuple[Dict[int, List[str]], List[str]]:
-    """Split canonical parameter names into ``{block index: [local names]}`` and the other names."""
-    blocks: Dict[int, List[str]] = {}
-    others: List[str] = []
-    for n in names:
-        b = block_of(n)
-        if b is None:
-            others.append(n)
-        else:
-            blocks.setdefault(b[0], []).append(b[1])
-    return {k: sorted(v) for k, v in sorted(blocks.items())}, sorted(others)
-
-
-def block_prefix(index: int) -> str:
-    return f"encoder.layers.{index}."
-
-
-def weight_groups(names) -> List[List[str]]:
-    """Canonical names in read groups: one per transformer block, then all the others."""
-    blocks, others = group_names(names)
-    groups = [[block_prefix(b) + n for n in local] for b, local in blocks.items()]
-    return groups + ([others] if others else [])
-
-
-def canonical_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
-    """``{canonical name: parameter}`` of a CLIP vision model."""
-    return dict(vision_backbone(model).named_parameters())
-
-
-def canonical_buffers(model: nn.Module) -> Dict[str, Tensor]:
-    return dict(vision_backbone(model).named_buffers())
-
-
-def empty_block_like(block: nn.Module, config) -> Optional[nn.Module]:
-    """A parameter-less stand-in for ``block`` (same class and config, on the ``meta`` device) to
-    run with :func:`call_block`, which supplies every parameter; reading nothing from ``block``
-    keeps the output model's lazily loaded weights untouched. ``None`` if that is not possible
-    (unknown constructor, or the block has buffers, which ``functional_call`` would not replace).
+def block_template(block: nn.Module, device) -> nn.Module:
+    """A stand-in for ``block`` to run with a layout's ``call_block``, which supplies every
+    parameter: the same modules with every parameter on the ``meta`` device (nothing is copied, so
+    the output model's lazily loaded weights stay untouched) and the buffers (causal masks, rotary
+    frequencies) copied to ``device``. A parameter that the call does not supply then fails loudly.
     """
-    try:
-        with torch.device("meta"):
-            empty = type(block)(config)
-    except Exception:  # noqa: BLE001 - the caller falls back to a copy of the block
-        return None
-    names = {n for n, _ in empty.named_parameters()}
-    if list(empty.buffers()) or names != {n for n, _ in block.named_parameters()}:
-        return None
-    return empty
+    memo = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        for p in block.parameters()
+    }
+    template = copy.deepcopy(block, memo)
+    for module in template.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
+    return template.eval()
 
 
 def _block_forward_kwargs(block: nn.Module) -> dict:
@@ -95,11 +58,14 @@ def _block_forward_kwargs(block: nn.Module) -> dict:
     return kwargs
 
 
-def call_block(block: nn.Module, params: Mapping[str, Tensor], hidden: Tensor) -> Tensor:
+def call_block(
+    block: nn.Module, params: Mapping[str, Tensor], hidden: Tensor, mask: Optional[Tensor] = None
+) -> Tensor:
     """Run ``block`` (a ``CLIPEncoderLayer``) with parameters ``params`` (local names) on ``hidden``
     (batch-first ``[N, seq, D]``), via ``torch.func.functional_call``.
 
-    Handles ``forward`` returning a tuple (transformers 4) or a tensor (transformers 5).
+    Handles ``forward`` returning a tuple (transformers 4) or a tensor (transformers 5). Every
+    image token is real: ``mask`` is ``None`` for images.
     """
     out = functional_call(
         block, dict(params), (hidden,), _block_forward_kwargs(block), strict=False
@@ -124,7 +90,9 @@ def call_embedding_stage(
 OPENCLIP_BLOCK_PATTERN = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
 
 
-def call_resblock(block: nn.Module, params: Mapping[str, Tensor], hidden: Tensor) -> Tensor:
+def call_resblock(
+    block: nn.Module, params: Mapping[str, Tensor], hidden: Tensor, mask: Optional[Tensor] = None
+) -> Tensor:
     """Run an open_clip ``ResidualAttentionBlock`` with ``params`` on batch-first ``hidden``
     (``[N, seq, D]``). Blocks of older open_clip versions (the pickled ``task_vectors`` checkpoints)
     are sequence-first: their ``attn.batch_first`` is False (or missing), so the input is transposed
@@ -152,9 +120,11 @@ def call_openclip_embedding_stage(
 
 
 class BlockLayout:
-    """Where a vision backbone keeps its transformer blocks and its embedding stage, and how to call
-    them: Hugging Face ``CLIPVisionModel`` (:data:`HF_CLIP_LAYOUT`) or open_clip ``ImageEncoder``
-    (:data:`OPENCLIP_LAYOUT`). Names are canonical (relative to :func:`vision_backbone`).
+    """A per-architecture adapter: where a model keeps its transformer blocks and its embedding stage,
+    and how to call them. Hugging Face ``CLIPVisionModel`` (:data:`HF_CLIP_LAYOUT`), open_clip
+    ``ImageEncoder`` (:data:`OPENCLIP_LAYOUT`), GPT-2 and decoder LMs (:mod:`.text_layers`). Names
+    are canonical (relative to :func:`vision_backbone`). Everything that is neither a block nor an
+    embedding-stage parameter (final norms, projections, LM heads) is merged outside the loop.
 
     Args:
         name: for messages.
@@ -163,8 +133,9 @@ class BlockLayout:
         blocks_path: attribute path of the block list on the backbone.
         embedding_modules: backbone sub-modules of the embedding stage (copied for stage 0).
         embedding_prefixes: canonical name prefixes of the embedding-stage parameters.
-        call_block: ``(block, params, hidden [N, seq, D]) -> [N, seq, D]``.
-        call_embedding_stage: ``(stage, params, pixels) -> block 0 input [N, seq, D]``.
+        call_block: ``(block, params, hidden [N, seq, D], mask [N, seq] or None) -> [N, seq, D]``.
+        call_embedding_stage: ``(stage, params, inputs) -> block 0 input [N, seq, D]``; ``inputs``
+            is a pixel batch, or for text a dict with ``input_ids`` and ``attention_mask``.
     """
 
     def __init__(
@@ -191,28 +162,26 @@ class BlockLayout:
         return f"BlockLayout({self.name!r})"
 
     def block_of(self, name: str) -> Optional[Tuple[int, str]]:
-        m = self.pattern.match(name)
-        return (int(m.group(1)), m.group(2)) if m else None
+        return block_of(name, self.pattern)
+
+    @staticmethod
+    def mask_of(inputs) -> Optional[Tensor]:
+        """The ``[N, seq]`` mask of real tokens of a batch (``None``: images, every token is real)."""
+        return inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` if this adapter cannot run ``model`` (the language adapters check
+        the model type)."""
 
     def block_prefix(self, index: int) -> str:
         return self.block_format.format(index)
 
     def group_names(self, names) -> Tuple[Dict[int, List[str]], List[str]]:
         """``{block index: [local names]}`` and the other names (see :func:`group_names`)."""
-        blocks: Dict[int, List[str]] = {}
-        others: List[str] = []
-        for n in names:
-            b = self.block_of(n)
-            if b is None:
-                others.append(n)
-            else:
-                blocks.setdefault(b[0], []).append(b[1])
-        return {k: sorted(v) for k, v in sorted(blocks.items())}, sorted(others)
+        return group_names(names, self.pattern)
 
     def weight_groups(self, names) -> List[List[str]]:
-        blocks, others = self.group_names(names)
-        groups = [[self.block_prefix(b) + n for n in local] for b, local in blocks.items()]
-        return groups + ([others] if others else [])
+        return weight_groups(names, self.pattern, self.block_format)
 
     def blocks(self, backbone: nn.Module) -> nn.ModuleList:
         module = backbone
@@ -251,8 +220,14 @@ OPENCLIP_LAYOUT = BlockLayout(
 
 
 def block_layout(model: nn.Module) -> BlockLayout:
-    """The layout of ``model``'s vision backbone (an open_clip ``ImageEncoder`` or ``VisionTransformer``:
-    :data:`OPENCLIP_LAYOUT`; otherwise a Hugging Face CLIP vision model, :data:`HF_CLIP_LAYOUT`)."""
+    """The adapter of ``model``: an open_clip ``ImageEncoder`` or ``VisionTransformer``
+    (:data:`OPENCLIP_LAYOUT`), GPT-2 or a decoder-only LM (:func:`.text_layers.text_layout`),
+    otherwise a Hugging Face CLIP vision model (:data:`HF_CLIP_LAYOUT`)."""
+    from .text_layers import text_layout
+
+    text = text_layout(model)
+    if text is not None:
+        return text
     backbone = vision_backbone(model)
     if hasattr(backbone, "transformer") and hasattr(backbone.transformer, "resblocks"):
         return OPENCLIP_LAYOUT

@@ -7,7 +7,7 @@ dictionaries and is unit-tested on its own.
 
 from __future__ import annotations
 
-from typing import Dict, Literal, Mapping, Sequence
+from typing import Dict, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -70,9 +70,15 @@ def task_arithmetic(
     return merged
 
 
-def block_loss(student: Tensor, teacher: Tensor, reduction: LossReduction = "sum") -> Tensor:
+def block_loss(
+    student: Tensor,
+    teacher: Tensor,
+    reduction: LossReduction = "sum",
+    mask: Optional[Tensor] = None,
+) -> Tensor:
     """Squared feature error between student and teacher block outputs (spec §1.4 step 2, §5.2),
-    ``[samples, ...]``.
+    ``[samples, tokens, ...]``. With ``mask`` (``[samples, tokens]``, text) only real tokens count:
+    padding never enters the loss (the official NLU/NLG code sums over padding too, spec §5.8).
 
     ``"sum"`` is the official code's loss: the squared error summed over samples, tokens and hidden
     units. ``"mean"`` is its mean over the samples (summed over tokens and hidden units), the
@@ -88,8 +94,72 @@ def block_loss(student: Tensor, teacher: Tensor, reduction: LossReduction = "sum
             f"{tuple(teacher.shape)}"
         )
     sq = (student - teacher).pow(2)
+    if mask is not None:
+        sq = sq * mask.to(sq.dtype).reshape(mask.shape + (1,) * (sq.dim() - mask.dim()))
     if reduction == "sum":
         return sq.sum()
     if reduction == "mean":
         return sq.sum() / max(1, student.shape[0])
     raise ValueError(f"invalid value {reduction!r} for option `loss_reduction`: {LOSS_REDUCTIONS}")
+
+
+class _ElementwiseMerge(torch.autograd.Function):
+    """``θ = θ_0 + Σ_i α_i ⊙ (θ_i − θ_0)`` from the weights themselves, in float32.
+
+    Only ``θ_0`` and the stacked ``θ_i`` (in their stored dtype, e.g. bfloat16) are kept for the
+    backward pass, which recomputes ``τ_i = θ_i − θ_0``; autograd through
+    :func:`merge_elementwise` would keep a float32 ``τ`` of every task. Forward and backward do the
+    same float32 operations as :func:`merge_elementwise` on ``τ`` (bit for bit when the weights are
+    float32).
+    """
+
+    @staticmethod
+    def forward(ctx, base: Tensor, weights: Tensor, coefficients: Tensor) -> Tensor:
+        ctx.save_for_backward(base, weights)
+        b = base.to(torch.float32)
+        return b + (coefficients * (weights.to(torch.float32) - b)).sum(dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        base, weights = ctx.saved_tensors
+        b = base.to(torch.float32)
+        return None, None, grad.unsqueeze(0) * (weights.to(torch.float32) - b)
+
+
+def merge_from_weights(
+    base: Mapping[str, Tensor],
+    stacked_weights: Mapping[str, Tensor],
+    coefficients: Mapping[str, Tensor],
+) -> Dict[str, Tensor]:
+    """:func:`merge_elementwise` with ``τ_i = θ_i − θ_0`` recomputed from the stacked fine-tuned
+    weights ``stacked_weights[p]`` (``(T, *base[p].shape)``, any float dtype): float32 results,
+    differentiable in ``coefficients``, holding no float32 task vectors between forward and
+    backward."""
+    return {n: _ElementwiseMerge.apply(base[n], stacked_weights[n], coefficients[n]) for n in base}
+
+
+def adam_in_backward(parameters: Sequence[Tensor], lr: float) -> list:
+    """One Adam per tensor, stepped as soon as its gradient is accumulated in ``backward()`` and
+    its gradient freed right after (``register_post_accumulate_grad_hook``): only one tensor's
+    gradient exists at a time. The same updates as one ``torch.optim.Adam(parameters, lr)`` with
+    the per-tensor implementation (the one torch uses on CPU).
+
+    Returns the optimisers (keep them alive while training); each tensor's hook is removed by
+    :func:`remove_hooks`.
+    """
+    optimisers = []
+    for p in parameters:
+        opt = torch.optim.Adam([p], lr=lr, foreach=False)
+
+        def step(param, opt=opt):
+            opt.step()
+            param.grad = None
+
+        opt._hook = p.register_post_accumulate_grad_hook(step)
+        optimisers.append(opt)
+    return optimisers
+
+
+def remove_hooks(optimisers: Sequence) -> None:
+    for opt in optimisers:
+        opt._hook.remove()

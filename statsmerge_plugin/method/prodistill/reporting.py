@@ -89,3 +89,27 @@ class LossCurves:
 def write_json(path: Path, payload: Dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, allow_nan=False))
+
+
+def json_safe(value):
+    """``value`` with tensors as lists, non-finite floats as ``None`` and configs as containers."""
+    import math
+
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return json_safe(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(value):
+            return json_safe(OmegaConf.to_container(value, resolve=True))
+    except Exception:  # noqa: BLE001
+        pass
+    return str(value)

@@ -59,12 +59,6 @@ from statsmerge_plugin.data import (
 )
 from statsmerge_plugin.memory import release_free_memory
 from statsmerge_plugin.method.openclip import OpenCLIPSupportMixin, load_classification_heads
-from statsmerge_plugin.method.prodistill.block_io import load_pool_model, open_reader
-from statsmerge_plugin.method.prodistill.layers import (
-    canonical_buffers,
-    canonical_parameters,
-    weight_groups,
-)
 from statsmerge_plugin.method.statsmerging.distillation import (
     DISTILLATION_LOSSES,
     TASK_WEIGHTINGS,
@@ -101,6 +95,13 @@ from statsmerge_plugin.method.statsmerging.statistics import (
     pool_task_wise,
     pooled_model_statistics,
     tensor_statistics,
+)
+from statsmerge_plugin.model_io import (
+    canonical_buffers,
+    canonical_parameters,
+    load_pool_model,
+    open_reader,
+    weight_groups,
 )
 from statsmerge_plugin.threads import configure_torch_threads
 from statsmerge_plugin.validation import (
