@@ -115,7 +115,7 @@ class DecoderLayout(BlockLayout):
         return self
 
     def embedding_stage_modules(self, backbone: nn.Module):
-        return {"embed_tokens": backbone.model.embed_tokens}
+        return {}  # a plain lookup of the given weight (the skeleton's own weights are empty)
 
     def _call_embedding_stage(self, stage: nn.Module, params: Mapping[str, Tensor], inputs):
         weight = params["model.embed_tokens.weight"]
