@@ -229,8 +229,13 @@ class TestSplitGuard:
     def _refuse(self, task: str, split: str, what: str, label: str) -> ValueError:
         return ValueError(
             f"task {task!r}: its {split!r} dataset {what}, which is {label}; refusing to train on "
-            f"test data. Point `{split}_datasets.{task}` at a held-out split."
+            f"test data. Point `{self._key(task, split)}` at a held-out split."
         )
+
+    @staticmethod
+    def _key(task: str, split: str) -> str:
+        """The option a user edits: a few-shot spec (language models) or a pool's datasets."""
+        return f"method.few_shot.{task}" if split == "few_shot" else f"{split}_datasets.{task}"
 
     def check_config(self, task: str, split: str, cfg) -> None:
         """Refuse a held-out dataset config that reads any test set (paths, hub ids and splits)."""

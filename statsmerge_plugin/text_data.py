@@ -74,34 +74,44 @@ def parse_specs(few_shot, tasks: Sequence[str]) -> Dict[str, FewShotTextSpec]:
             "option `few_shot` is required: the pool carries no datasets; give each task a spec "
             f"(`method.few_shot.<task>.dataset`, ...) for tasks {list(tasks)}"
         )
-    raw = OmegaConf.to_container(few_shot, resolve=True) if OmegaConf.is_config(few_shot) else few_shot
+    raw = (
+        OmegaConf.to_container(few_shot, resolve=True)
+        if OmegaConf.is_config(few_shot)
+        else few_shot
+    )
     if not isinstance(raw, Mapping):
-        raise ValueError(f"option `few_shot` must map task names to specs, got {type(raw).__name__}")
+        raise ValueError(
+            f"option `few_shot` must map task names to specs, got {type(raw).__name__}"
+        )
     missing = [t for t in tasks if t not in raw]
     if missing:
         raise ValueError(f"option `few_shot` has no spec for task(s) {missing}")
     extra = [t for t in raw if t not in tasks]
     if extra:
-        raise ValueError(f"option `few_shot` names task(s) {extra} that are not in the pool {list(tasks)}")
+        raise ValueError(
+            f"option `few_shot` names task(s) {extra} that are not in the pool {list(tasks)}"
+        )
     known = {f.name for f in fields(FewShotTextSpec)}
     specs = {}
     for task in tasks:
         entry = raw[task]
-        where = f"`few_shot.{task}`"
+        where = f"few_shot.{task}"
         if not isinstance(entry, Mapping):
-            raise ValueError(f"{where} must be a mapping with `dataset`, `split`, ...")
+            raise ValueError(f"`{where}` must be a mapping with `dataset`, `split`, ...")
         unknown = sorted(set(entry) - known)
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+            raise ValueError(f"`{where}`: unknown key(s) {unknown}; known: {sorted(known)}")
         if not entry.get("dataset"):
-            raise ValueError(f"{where}.dataset is required (a hub name or a local directory)")
+            raise ValueError(f"`{where}.dataset` is required (a hub name or a local directory)")
         spec = FewShotTextSpec(**{k: entry[k] for k in entry})
         if (spec.template is None) == (spec.text_field is None):
-            raise ValueError(f"{where}: give exactly one of `template` and `text_field`")
+            raise ValueError(f"`{where}`: give exactly one of `template` and `text_field`")
         for key in ("shots", "max_tokens"):
             value = getattr(spec, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{where}.{key} must be a positive integer, got {value!r}")
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"`{where}.{key}` must be a positive integer, got {value!r}")
         check_not_test_split(task, spec)
         specs[task] = spec
     return specs

@@ -37,8 +37,13 @@ from fusion_bench.modelpool import BaseModelPool
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ...data import HELD_OUT_SOURCES, TestSplitGuard, dataset_record, held_out_indices
-from ...data import resolve_held_out_source
+from ...data import (
+    HELD_OUT_SOURCES,
+    TestSplitGuard,
+    dataset_record,
+    held_out_indices,
+    resolve_held_out_source,
+)
 from ...model_io import canonical_buffers, canonical_parameters, load_pool_model, make_reader
 from ...text_data import few_shot_texts, pad_shots, parse_specs, tokenize_texts
 from ...threads import configure_torch_threads
@@ -77,7 +82,9 @@ class ProDistillForCausalLM(ProDistillEngine):
         specs = parse_specs(self.few_shot, tasks)
         loaded = {}
         for task, spec in specs.items():  # all refusals (splits, fingerprints) before tokenizing
-            loaded[task] = few_shot_texts(task, spec, spec.shots or self.shots_per_task, self.seed, guard)
+            loaded[task] = few_shot_texts(
+                task, spec, spec.shots or self.shots_per_task, self.seed, guard
+            )
         tokenizer = modelpool.load_tokenizer()
         self._data_read = {t: record for t, (_, record) in loaded.items()}
         ids = {
@@ -104,7 +111,9 @@ class ProDistillForCausalLM(ProDistillEngine):
         try:
             config = AutoConfig.from_pretrained(path)
         except Exception as err:  # noqa: BLE001
-            raise ValueError(f"model {PRETRAINED!r} ({path}): cannot read its config ({err})") from err
+            raise ValueError(
+                f"model {PRETRAINED!r} ({path}): cannot read its config ({err})"
+            ) from err
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(
                 config, torch_dtype=kwargs.get("torch_dtype") or config.torch_dtype
@@ -236,7 +245,9 @@ class ProDistillForGPT2(ProDistillForCausalLM):
         import copy
 
         model = load_pool_model(modelpool, PRETRAINED)  # GPT2Model, 124M parameters at most
-        return copy.deepcopy(model) if isinstance(modelpool._models[PRETRAINED], nn.Module) else model
+        return (
+            copy.deepcopy(model) if isinstance(modelpool._models[PRETRAINED], nn.Module) else model
+        )
 
     def few_shot_inputs(self, modelpool, tasks: List[str], guard: TestSplitGuard) -> List:
         if self.few_shot is not None:

@@ -95,7 +95,8 @@ def block_loss(
         )
     sq = (student - teacher).pow(2)
     if mask is not None:
-        sq = sq * mask.to(sq.dtype).reshape(mask.shape + (1,) * (sq.dim() - mask.dim()))
+        keep = mask.to(torch.bool).reshape(mask.shape + (1,) * (sq.dim() - mask.dim()))
+        sq = sq.masked_fill(~keep, 0.0)  # not a product: a non-finite padded value stays out
     if reduction == "sum":
         return sq.sum()
     if reduction == "mean":
