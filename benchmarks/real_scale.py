@@ -360,8 +360,11 @@ def run_child_inline(args) -> Dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def run_child(argv: List[str], log_file: Path, rss_limit: float) -> Dict:
-    """Run one child; returns its RESULT, wall seconds, peak RSS (ru_maxrss) and status."""
+def run_child(
+    argv: List[str], log_file: Path, rss_limit: float, command: Optional[List[str]] = None
+) -> Dict:
+    """Run one child (this script with ``argv``, or ``command``); returns its RESULT, wall seconds,
+    peak RSS (ru_maxrss) and status."""
     import psutil
 
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -369,7 +372,7 @@ def run_child(argv: List[str], log_file: Path, rss_limit: float) -> Dict:
     killed = False
     with open(log_file, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), *argv],
+            command or [sys.executable, str(Path(__file__).resolve()), *argv],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -395,7 +398,7 @@ def run_child(argv: List[str], log_file: Path, rss_limit: float) -> Dict:
     code = os.waitstatus_to_exitcode(status)
     if killed:
         state = f"killed: RSS above {rss_limit / GiB:.0f} GiB"
-    elif code != 0 or not lines:
+    elif code != 0 or (not lines and command is None):
         errors = [l for l in text.splitlines() if "Error" in l or "error:" in l]
         state = f"failed ({code}): {(errors or ['no RESULT line'])[-1][:200]}"
     else:

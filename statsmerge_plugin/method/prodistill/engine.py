@@ -27,6 +27,7 @@ from fusion_bench.method.base_algorithm import BaseAlgorithm
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_register_config
 from torch import Tensor, nn
 
+from ...memory import release_free_memory
 from ...model_io import WeightReader
 from ...validation import (
     check_bool,
@@ -452,6 +453,8 @@ class ProDistillEngine(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm)
                     {n: v.to(stored[n]).contiguous() for n, v in merged.items()},
                     str(merged_dir / f"block_{index:03d}.safetensors"),
                 )
+                del merged, template  # not alive during the next block (flat in depth)
+                release_free_memory()
                 self.block_records.append(record)
                 if self.log_dir is not None:
                     self.fabric.log_dict(

@@ -44,6 +44,7 @@ from ...data import (
     held_out_indices,
     resolve_held_out_source,
 )
+from ...memory import release_free_memory
 from ...model_io import canonical_buffers, canonical_parameters, load_pool_model, make_reader
 from ...text_data import few_shot_texts, pad_shots, parse_specs, tokenize_texts
 from ...threads import configure_torch_threads
@@ -182,6 +183,7 @@ class ProDistillForCausalLM(ProDistillEngine):
             student_emb = self.merge_outside_blocks(other_names, readers, tasks, store)
             save_file(outside, str(merged_dir / "outside_blocks.safetensors"))
             del outside
+            release_free_memory()  # the embedding-sized temporaries, before the first layer
         with self.profile("stage 0: embeddings"):
             first = next(iter(ref_blocks))
             block_numel = sum(
@@ -193,6 +195,7 @@ class ProDistillForCausalLM(ProDistillEngine):
             )
             self._cache_info = {"placement": cache.placement, "mb": cache.nbytes / 2**20}
         del student_emb, inputs
+        release_free_memory()
         setup_seconds = time.perf_counter() - t0
         self.distill_blocks(
             ref_blocks, layout.blocks(model), readers, tasks, cache, device, merged_dir
