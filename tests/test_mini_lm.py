@@ -217,3 +217,48 @@ def test_fusion_bench_methods_and_prodistill_run_on_the_mini_lm_pool(smoke_root,
         name="adamerging",
     )
     assert set(ada) >= set(skills.SKILLS)
+
+
+def test_the_leaderboard_summary_checks_issue_17s_shape_and_renders_every_row(tmp_path):
+    from statsmerge_plugin.leaderboard import RunResult
+    from statsmerge_plugin.mini_lm import leaderboard as lb
+
+    def run(method, seed, values):
+        return RunResult(method, seed, accuracy=dict(zip(skills.SKILLS, values)), wall_time_s=1)
+
+    results = [
+        run("individual", 0, (0.99, 0.84, 1.0)),
+        run("task_arithmetic_val", 0, (0.6, 0.6, 0.6)),
+        run("simple_average", 0, (0.5, 0.5, 0.5)),
+        run("prodistill", 0, (0.7, 0.6, 0.6)),
+        run("prodistill", 1, (0.6, 0.6, 0.6)),
+        RunResult("ties", 0, status="failed", error="ValueError: bad"),
+    ]
+    methods = ["individual", "simple_average", "task_arithmetic_val", "ties", "prodistill"]
+    chosen = {"task_arithmetic_val": (0.7, {0.3: 0.5, 0.7: 0.6})}
+    summary = lb.summarize(results, methods, chosen)
+    shape = summary["shape"]
+    assert not shape["individual_each_at_least_85"] and shape["individual_min"] == 0.84
+    assert shape["best_data_free"]["method"] == "task_arithmetic_val"
+    assert shape["gap_at_least_10"]  # 94.3 vs 60
+    assert shape["prodistill_minus_best_data_free"] == pytest.approx(0.6167 - 0.6, abs=1e-3)
+    assert not shape["prodistill_at_least_3_above"]
+    assert summary["methods"]["prodistill"]["average_std"] > 0
+    assert "λ=0.7, chosen on val" in summary["methods"]["task_arithmetic_val"]["label"]
+    text = lb.markdown(summary, "cmd")
+    assert "failed: ValueError: bad" in text and "**does not hold**" in text
+    assert text.count("\n| ") == len(methods) + 1
+    assert lb.bar_chart(summary, tmp_path / "lb.png").stat().st_size > 0
+
+
+def test_the_leaderboard_refuses_bad_options_and_existing_outputs(tmp_path):
+    from statsmerge_plugin.mini_lm import leaderboard as lb
+
+    with pytest.raises(SystemExit):
+        lb.parse_args(["--methods", "prodistill,magic"])
+    with pytest.raises(SystemExit):
+        lb.parse_args(["--seeds", "a"])
+    (tmp_path / "lb.md").write_text("earlier table")
+    with pytest.raises(SystemExit, match="refusing to overwrite"):
+        lb.main(["--out", str(tmp_path / "lb")])
+    assert (tmp_path / "lb.md").read_text() == "earlier table"

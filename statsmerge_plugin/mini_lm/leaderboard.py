@@ -200,7 +200,7 @@ def summarize(results: List[RunResult], methods: Sequence[str], chosen: dict) ->
         if method in chosen:
             value, scores = chosen[method]
             row["chosen_on_val"] = {"value": value, "val_average": scores}
-            row["label"] = label.replace("chosen on val", f"={value}, chosen on val")
+            row["label"] = label.replace("λ chosen on val", f"λ={value}, chosen on val")
         if ok:
             row["accuracy"] = {s: statistics.mean(r.accuracy[s] for r in ok) for s in SKILLS}
             averages = [statistics.mean(r.accuracy.values()) for r in ok]
@@ -244,16 +244,16 @@ def pct(x: Optional[float]) -> str:
 
 def markdown(summary: dict, command: str, header: str = "") -> str:
     lines = [header, f"Command: `{command}`", ""] if header else [f"Command: `{command}`", ""]
-    lines.append("| method | " + " | ".join(SKILLS) + " | average | note |")
-    lines.append("|---|" + "---:|" * (len(SKILLS) + 1) + "---|")
+    lines.append("| method | " + " | ".join(SKILLS) + " | average | s / run | note |")
+    lines.append("|---|" + "---:|" * (len(SKILLS) + 2) + "---|")
     for method, row in summary["methods"].items():
         if "accuracy" not in row:
-            cells = ["—"] * len(SKILLS) + [f"{row['status']}: {'; '.join(row['errors'])[:120]}"]
+            cells = ["—"] * len(SKILLS) + [f"{row['status']}: {'; '.join(row['errors'])[:120]}", ""]
         else:
             avg = pct(row["average"])
             if len(row["seeds"]) > 1:
                 avg += f" ± {100 * row['average_std']:.1f}"
-            cells = [pct(row["accuracy"][s]) for s in SKILLS] + [avg]
+            cells = [pct(row["accuracy"][s]) for s in SKILLS] + [avg, f"{row['wall_time_s']:.0f}"]
         name = f"**{row['label']}**" if method in OURS else row["label"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['note']} |")
     s = summary["shape"]
