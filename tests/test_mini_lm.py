@@ -262,3 +262,33 @@ def test_the_leaderboard_refuses_bad_options_and_existing_outputs(tmp_path):
     with pytest.raises(SystemExit, match="refusing to overwrite"):
         lb.main(["--out", str(tmp_path / "lb")])
     assert (tmp_path / "lb.md").read_text() == "earlier table"
+
+
+def test_the_leaderboard_runs_fusion_bench_on_the_smoke_build(
+    smoke_root, smoke, tmp_path, monkeypatch
+):
+    from statsmerge_plugin.mini_lm import leaderboard as lb
+
+    for key, value in {
+        "STATSMERGE_MINI_ROOT": str(smoke_root),
+        "STATSMERGE_MINI_LM_PRESET": "smoke",
+        "OMP_NUM_THREADS": "1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "board"
+    argv = ["--out", str(out), "--methods", "pretrained,task_arithmetic_val,prodistill"]
+    argv += ["--seeds", "0", "--grid", "0.3,1.0"]
+    argv += ["--method-override", "prodistill:method.epochs_per_block=1"]
+    assert lb.main(argv) == 0
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["build"]["key"] == smoke["key"]
+    rows = summary["methods"]
+    assert all(rows[m]["status"] == "ok" for m in rows), rows
+    assert set(rows["task_arithmetic_val"]["chosen_on_val"]["val_average"]) == {"0.3", "1.0"}
+    commands = [Path(r["log_dir"], "command.txt").read_text() for r in summary["runs"]]
+    assert sum("mini-lm_val" in c for c in commands) == 0  # val runs are not reported as runs
+    assert all("taskpool=ExactMatchTaskPool/mini-lm " in c + " " for c in commands)
+    assert "method.epochs_per_block=1" in commands[-1]
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "| **ProDistill (ours)** |" in out.with_suffix(".md").read_text()

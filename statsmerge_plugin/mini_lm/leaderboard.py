@@ -42,7 +42,7 @@ METHODS: Dict[str, tuple] = {
     "task_arithmetic_val": (
         "Task Arithmetic (λ chosen on val)",
         ["method=task_arithmetic"],
-        "λ from {0.1, ..., 1.0} by val exact match",
+        "λ by val exact match",
         False,
     ),
     "ties": (
@@ -54,7 +54,7 @@ METHODS: Dict[str, tuple] = {
     "ties_val": (
         "TIES-Merging (k=20, λ chosen on val)",
         ["method=ties_merging", "method.threshold=20"],
-        "λ from {0.1, ..., 1.0} by val exact match",
+        "λ by val exact match",
         False,
     ),
     "adamerging_sft": (
@@ -117,16 +117,14 @@ class LanguageLeaderboard:
 
     def overrides(self, method: str, seed: int) -> List[str]:
         out = list(METHODS[method][1]) + self.extra.get(method, [])
-        if method == "prodistill":
-            out.append(f"method.seed={seed}")
-        if method == "adamerging_sft":
+        if METHODS[method][3]:  # seeded: the method's own seed too
             out.append(f"method.seed={seed}")
         return out
 
     def choose_on_val(self, method: str) -> tuple:
         """(best grid value by mean val exact match, {value: val mean})."""
         option, scores = GRID_OPTION[method], {}
-        for value in GRID:
+        for value in self.args.grid:
             run = self.run_one(
                 method,
                 0,
@@ -200,6 +198,7 @@ def summarize(results: List[RunResult], methods: Sequence[str], chosen: dict) ->
         if method in chosen:
             value, scores = chosen[method]
             row["chosen_on_val"] = {"value": value, "val_average": scores}
+            row["note"] = f"{note} over {{{', '.join(map(str, scores))}}}"
             row["label"] = label.replace("λ chosen on val", f"λ={value}, chosen on val")
         if ok:
             row["accuracy"] = {s: statistics.mean(r.accuracy[s] for r in ok) for s in SKILLS}
@@ -315,6 +314,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--runs-dir", default=None, help="log dirs of the runs (default: <out>_runs)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the seeded methods")
+    p.add_argument(
+        "--grid",
+        default=",".join(map(str, GRID)),
+        help="λ values tried on val for the *_val methods (default 0.1, ..., 1.0)",
+    )
     p.add_argument("--timeout", type=float, default=3600, help="seconds per process")
     p.add_argument("--override", action="append", default=[], help="for every run (repeatable)")
     p.add_argument(
@@ -336,6 +340,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     if not args.seeds:
         p.error("--seeds names no seed")
+    try:
+        args.grid = [float(v) for v in args.grid.split(",") if v]
+    except ValueError:
+        p.error(f"--grid must be comma-separated numbers, got {args.grid!r}")
+    if not args.grid:
+        p.error("--grid names no value")
     return args
 
 

@@ -1,10 +1,11 @@
 R"""ProDistill's block engine: the progressive loop for any stack of blocks (spec §1.3–§1.6).
 
 :class:`ProDistillEngine` holds everything that does not depend on the modality: options and their
-checks, pool validation, task arithmetic outside the blocks (one tensor at a time), stage 0 (the dual
-inputs), the per-block training of element-wise coefficients with each sample's own teacher,
-propagation, and the records. A subclass supplies the few-shot inputs and the output model
-(:class:`~.prodistill.ProDistillForCLIP` for images, :mod:`.language` for GPT-2 and causal LMs);
+checks and pool validation (:class:`~.checks.EngineChecks`), task arithmetic outside the blocks (one
+tensor at a time), stage 0 (the dual inputs), the per-block training of element-wise coefficients
+with each sample's own teacher, propagation, and the records (:class:`~.reporting.ReportWriter`). A
+subclass supplies the few-shot inputs and the output model (:class:`~.prodistill.ProDistillForCLIP`
+for images, :mod:`.language` for GPT-2 and causal LMs);
 the per-architecture adapter (:class:`~.layers.BlockLayout`) says how to embed and call a block.
 
 Memory (spec §1.6): per block, ``θ_0`` and the stacked ``θ_i`` in the stored dtype (float32 for the
@@ -29,46 +30,32 @@ from torch import Tensor, nn
 
 from ...memory import release_free_memory
 from ...model_io import WeightReader
-from ...validation import (
-    check_bool,
-    check_choice,
-    check_finite,
-    check_finite_loss,
-    check_finite_number,
-    check_int,
-    check_model_weights,
-    check_output_locations,
-    check_positive,
-    check_same_groups,
-)
+from ...validation import check_finite, check_finite_loss
 from .activations import (
-    CACHE_PLACEMENTS,
     DualStreamCache,
     block_working_bytes,
     cache_placement,
     stack_task_ids,
 )
+from .checks import OUTPUT_FILES, PRETRAINED, EngineChecks  # noqa: F401 - re-exported
 from .layers import HF_CLIP_LAYOUT, BlockLayout, block_template
-from .merge import LOSS_REDUCTIONS, adam_in_backward, block_loss, merge_from_weights, remove_hooks
+from .merge import adam_in_backward, block_loss, merge_from_weights, remove_hooks
 from .reporting import (
     LossCurves,
+    ReportWriter,
     cuda_peak_mb,
     current_rss_mb,
-    json_safe,
     peak_rss_mb,
     reset_cuda_peak,
-    write_json,
 )
 
 log = logging.getLogger(__name__)
 
-PRETRAINED = "_pretrained_"
-#: What a run writes into its log dir; an earlier run's copies are never overwritten silently.
-OUTPUT_FILES = ("prodistill_report.json", "prodistill_loss_curves.csv", "prodistill_loss_curves")
-
 
 @auto_register_config
-class ProDistillEngine(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm):
+class ProDistillEngine(
+    EngineChecks, ReportWriter, LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
+):
     """The options every ProDistill variant shares (see ``config/method/prodistill/clip.yaml``):
     ``shots_per_task``, ``seed``, ``lr``, ``epochs_per_block``, ``batch_size``, ``init_lambda``,
     ``ta_lambda``, ``loss_reduction``, ``activation_cache``, ``scratch_dir``,
@@ -104,67 +91,6 @@ class ProDistillEngine(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm)
         self.check_options()
         self.block_records: List[Dict] = []
         self.loss_curves = LossCurves()
-
-    # --- checks ---------------------------------------------------------------------------------
-
-    def check_options(self) -> None:
-        """Raise ``ValueError`` naming the first invalid option."""
-        check_int("shots_per_task", self.shots_per_task, 1)
-        check_int("seed", self.seed, 0)
-        check_positive("lr", self.lr)
-        check_finite_number("lr", self.lr)
-        check_int("epochs_per_block", self.epochs_per_block, 1)
-        check_int("batch_size", self.batch_size, 1)
-        check_finite_number("init_lambda", self.init_lambda)
-        check_finite_number("ta_lambda", self.ta_lambda)
-        check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
-        check_choice("activation_cache", self.activation_cache, CACHE_PLACEMENTS)
-        if self.scratch_dir is not None and not isinstance(self.scratch_dir, (str, Path)):
-            raise ValueError(
-                f"invalid value {self.scratch_dir!r} for option `scratch_dir`: expected a path or null"
-            )
-        for flag in ("allow_single_task", "save_loss_curves", "overwrite", "optimizer_in_backward"):
-            check_bool(flag, getattr(self, flag))
-
-    def check_outputs(self) -> None:
-        """Before any work: the log dir, ``merged_model_save_path`` and the program's report path are
-        writable, and no earlier output would be overwritten (unless ``overwrite``)."""
-        program = self._program
-        check_output_locations(
-            log_dir=self.log_dir if self.fabric.is_global_zero else None,
-            merged_model_save_path=getattr(program, "merged_model_save_path", None),
-            report_save_path=getattr(program, "report_save_path", None),
-            overwrite=self.overwrite,
-            artefacts=OUTPUT_FILES,
-        )
-
-    def validate_pool(
-        self, reference: Dict[str, tuple], readers: Dict[str, WeightReader]
-    ) -> Dict[int, List[str]]:
-        """Structure and value checks on every model, before any training (spec §6).
-
-        Returns ``{block index: [local parameter names]}`` of the pretrained model.
-
-        Raises:
-            ValueError: naming the model and block when a block's parameter names differ, the model
-                and parameter for a missing/unexpected parameter or a shape mismatch, and the model
-                and parameter for NaN/inf values.
-        """
-        layout = self._layout
-        ref_blocks, _ = layout.group_names(reference)
-        if not ref_blocks:
-            raise ValueError(
-                f"model {PRETRAINED!r} has no `{layout.block_prefix('<l>')}*` parameters: not a "
-                f"{layout.name}?"
-            )
-        for name, reader in readers.items():
-            blocks, _ = layout.group_names(reader.shapes())
-            check_same_groups(PRETRAINED, ref_blocks, name, blocks, what="block")
-        # shapes, then NaN/inf: stream every model block by block (never a whole model at once).
-        groups = layout.weight_groups(reference)
-        for name, reader in readers.items():
-            check_model_weights(PRETRAINED, reference, name, reader, groups)
-        return ref_blocks
 
     # --- outside the blocks: task arithmetic, one tensor at a time (spec §1.1, §1.5) -------------
 
@@ -482,43 +408,6 @@ class ProDistillEngine(LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm)
             return {n: self._weights_dtype for n in tensors}
         dtypes = reader.dtypes() if hasattr(reader, "dtypes") else {}
         return {n: dtypes.get(n, torch.float32) for n in tensors}
-
-    def write_outputs(self, tasks: List[str], setup_seconds: float, total_seconds: float) -> None:
-        """Timing/memory JSON and loss curves into ``log_dir`` (rank 0 only), plus a log summary."""
-        summary = {
-            "algorithm": "prodistill",
-            "architecture": self._layout.name,
-            "tasks": tasks,
-            "few_shot_samples": dict(self._data_info),
-            "few_shot_data": dict(self._data_read),
-            "weight_sources": dict(self._sources),
-            "options": {k: getattr(self, k) for k in self._config_mapping if not k.startswith("_")},
-            "activation_cache": dict(getattr(self, "_cache_info", {})),
-            "setup_seconds": setup_seconds,
-            "total_seconds": total_seconds,
-            "peak_rss_mb": peak_rss_mb(),
-            "blocks": self.block_records,
-        }
-        summary.update(self._report_extra())
-        self.report = json_safe(summary)
-        log.info(
-            f"ProDistill: {len(self.block_records)} blocks in {total_seconds:.1f} s, "
-            f"peak RSS {summary['peak_rss_mb']:.0f} MiB"
-        )
-        if self.log_dir is None or not self.fabric.is_global_zero:
-            return
-        out = Path(self.log_dir)
-        write_json(out / "prodistill_report.json", self.report)
-        if self.save_loss_curves:
-            self.loss_curves.write_csv(out / "prodistill_loss_curves.csv")
-            for record in self.block_records:
-                b = record["block"]
-                self.loss_curves.plot_block(
-                    b, out / "prodistill_loss_curves" / f"block_{b:02d}.png"
-                )
-
-    def _report_extra(self) -> Dict:
-        return {}
 
 
 class _Stage(nn.Module):

@@ -113,3 +113,44 @@ def json_safe(value):
     except Exception:  # noqa: BLE001
         pass
     return str(value)
+
+
+class ReportWriter:
+    """``write_outputs`` of the engine: the run's JSON report and loss curves (rank 0 only)."""
+
+    def write_outputs(self, tasks: List[str], setup_seconds: float, total_seconds: float) -> None:
+        """Timing/memory JSON and loss curves into ``log_dir`` (rank 0 only), plus a log summary."""
+        summary = {
+            "algorithm": "prodistill",
+            "architecture": self._layout.name,
+            "tasks": tasks,
+            "few_shot_samples": dict(self._data_info),
+            "few_shot_data": dict(self._data_read),
+            "weight_sources": dict(self._sources),
+            "options": {k: getattr(self, k) for k in self._config_mapping if not k.startswith("_")},
+            "activation_cache": dict(getattr(self, "_cache_info", {})),
+            "setup_seconds": setup_seconds,
+            "total_seconds": total_seconds,
+            "peak_rss_mb": peak_rss_mb(),
+            "blocks": self.block_records,
+        }
+        summary.update(self._report_extra())
+        self.report = json_safe(summary)
+        log.info(
+            f"ProDistill: {len(self.block_records)} blocks in {total_seconds:.1f} s, "
+            f"peak RSS {summary['peak_rss_mb']:.0f} MiB"
+        )
+        if self.log_dir is None or not self.fabric.is_global_zero:
+            return
+        out = Path(self.log_dir)
+        write_json(out / "prodistill_report.json", self.report)
+        if self.save_loss_curves:
+            self.loss_curves.write_csv(out / "prodistill_loss_curves.csv")
+            for record in self.block_records:
+                b = record["block"]
+                self.loss_curves.plot_block(
+                    b, out / "prodistill_loss_curves" / f"block_{b:02d}.png"
+                )
+
+    def _report_extra(self) -> Dict:
+        return {}
