@@ -69,14 +69,12 @@ def _save_rows(directory: Path, splits: Dict[str, list], Dataset) -> None:
 
 def _scores(model, tokenizer, splits: Dict[str, Dict[str, list]]) -> Dict[str, Dict[str, float]]:
     """Exact match (%) of ``model`` on the val and test prompts of every skill."""
-    return {
-        split: {
-            skill: round(100 * sum(hits) / len(hits), 2)
-            for skill in SKILLS
-            for hits in [exact_match(model, tokenizer, splits[skill][split])]
-        }
-        for split in ("val", "test")
-    }
+    scores: Dict[str, Dict[str, float]] = {"val": {}, "test": {}}
+    for split, row in scores.items():
+        for skill in SKILLS:
+            hits = exact_match(model, tokenizer, splits[skill][split])
+            row[skill] = round(100 * sum(hits) / len(hits), 2)
+    return scores
 
 
 def build_into(target: Path, recipe: Recipe, seed: int, progress: bool = True) -> dict:

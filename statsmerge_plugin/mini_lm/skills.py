@@ -34,12 +34,12 @@ def _word(rng: random.Random, lo: int, hi: int) -> str:
     return "".join(rng.choice(LETTERS) for _ in range(rng.randint(lo, hi)))
 
 
-def _operands(rng: random.Random) -> Tuple[int, int]:
-    return rng.randint(0, 199), rng.randint(0, 9)
+def _operands(rng: random.Random, largest: int = 199) -> Tuple[int, int]:
+    return rng.randint(0, largest), rng.randint(0, 9)
 
 
-def arithmetic(rng: random.Random) -> Example:
-    a, b = _operands(rng)
+def arithmetic(rng: random.Random, largest: int = 199) -> Example:
+    a, b = _operands(rng, largest)
     return f"{a}+{b}=", f"{a + b}."
 
 
@@ -65,15 +65,10 @@ def instruct(rng: random.Random, phrasings: int = 2) -> Example:
 # The narrow slice of each skill's prompt format that the pretraining text holds (the rest of the
 # format's domain, which the evaluation covers, only the fine-tuned models see)
 NARROW: Dict[str, Callable[[random.Random], Example]] = {
-    "arithmetic": lambda rng: _narrow_sum(rng),
+    "arithmetic": lambda rng: arithmetic(rng, largest=49),
     "reverse": lambda rng: reverse(rng, longest=4),
     "instruct": lambda rng: instruct(rng, phrasings=1),
 }
-
-
-def _narrow_sum(rng: random.Random) -> Example:
-    a, b = rng.randint(0, 49), rng.randint(0, 9)
-    return f"{a}+{b}=", f"{a + b}."
 
 
 GENERATORS: Dict[str, Callable[[random.Random], Example]] = {
