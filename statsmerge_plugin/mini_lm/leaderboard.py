@@ -22,7 +22,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..leaderboard import RunResult, fusion_bench_command, last_error_line, run_process
+from ..leaderboard import (  # the mini-TA8 leaderboard's process runner and bar chart
+    RunResult,
+    bar_chart,
+    fusion_bench_command,
+    last_error_line,
+    run_process,
+)
 from .skills import SKILLS
 
 FEW_SHOT = "+method/prodistill/few_shot=mini-lm"
@@ -278,34 +284,6 @@ def markdown(summary: dict, command: str, header: str = "") -> str:
                 f"(+{pct(s['prodistill_minus_best_data_free'])})"
             )
     return "\n".join(lines) + "\n"
-
-
-def bar_chart(summary: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [(m, r) for m, r in summary["methods"].items() if "average" in r]
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
-    values = [100 * r["average"] for _, r in rows]
-    ax.barh(
-        range(len(rows)),
-        values,
-        xerr=[100 * r["average_std"] for _, r in rows],
-        color=["tab:orange" if m in OURS else "tab:blue" for m, _ in rows],
-    )
-    for i, v in enumerate(values):
-        ax.text(v + 0.5, i, f"{v:.1f}", va="center", fontsize=8)
-    ax.set_yticks(range(len(rows)), labels=[r["label"] for _, r in rows])
-    ax.invert_yaxis()
-    ax.set_xlabel("average exact match on the test prompts (%)")
-    ax.set_xlim(0, 105)
-    ax.set_title("mini-lm leaderboard (orange: this package)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
