@@ -32,6 +32,8 @@ from ..leaderboard import (  # the mini-TA8 leaderboard's process runner and bar
 from .skills import SKILLS
 
 FEW_SHOT = "+method/prodistill/few_shot=mini-lm"
+TEST_POOL = "taskpool=ExactMatchTaskPool/mini-lm"
+VAL_POOL = "taskpool=ExactMatchTaskPool/mini-lm_val"
 GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 # name -> (label, overrides, note, seeded)
@@ -134,8 +136,7 @@ class LanguageLeaderboard:
             run = self.run_one(
                 method,
                 0,
-                self.overrides(method, 0)
-                + [f"{option}={value}", "taskpool=ExactMatchTaskPool/mini-lm_val"],
+                self.overrides(method, 0) + [f"{option}={value}", VAL_POOL],
                 f"val_{method}_{value}",
             )
             if run.status == "ok":
@@ -148,7 +149,6 @@ class LanguageLeaderboard:
         from tqdm.auto import tqdm
 
         results, chosen = [], {}
-        test = ["taskpool=ExactMatchTaskPool/mini-lm"]
         for method in tqdm(self.args.methods, desc="mini-lm leaderboard"):
             seeds = self.args.seeds if METHODS[method][3] else self.args.seeds[:1]
             for seed in seeds:
@@ -160,7 +160,7 @@ class LanguageLeaderboard:
                 if method == "individual":
                     results.append(self.individual(seed))
                     continue
-                overrides = self.overrides(method, seed) + extra + test
+                overrides = self.overrides(method, seed) + extra + [TEST_POOL]
                 results.append(self.run_one(method, seed, overrides, f"{method}_seed{seed}"))
         return summarize(results, self.args.methods, chosen)
 
@@ -172,10 +172,7 @@ class LanguageLeaderboard:
                 "individual",
                 seed,
                 self.overrides("individual", seed)
-                + [
-                    f"modelpool.models._pretrained_=${{modelpool.models.{skill}}}",
-                    "taskpool=ExactMatchTaskPool/mini-lm",
-                ],
+                + [f"modelpool.models._pretrained_=${{modelpool.models.{skill}}}", TEST_POOL],
                 f"individual_{skill}_seed{seed}",
             )
             if part.status != "ok":
