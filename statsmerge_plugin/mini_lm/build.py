@@ -27,7 +27,15 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Union
 
-from ..mini.build import MANIFEST, check_root, default_root, file_lock, read_manifest, torch_threads
+from ..mini.build import (  # the mini-TA8 builder's cache, lock and install helpers
+    MANIFEST,
+    _install,
+    check_root,
+    default_root,
+    file_lock,
+    read_manifest,
+    torch_threads,
+)
 from .recipe import RECIPE_VERSION, Recipe, build_key, get_recipe, library_versions
 from .skills import SKILLS, draw_splits, pretraining_text
 from .train import build_tokenizer, encode, exact_match, model_config, train
@@ -50,21 +58,17 @@ def _save_splits(directory: Path, splits: Dict[str, list]) -> None:
 
     disable_progress_bar()
     try:
-        _save_rows(directory, splits, Dataset)
+        for split, rows in splits.items():
+            prompts, answers = zip(*rows)
+            Dataset.from_dict(
+                {
+                    "prompt": list(prompts),
+                    "answer": list(answers),
+                    "text": [p + a for p, a in rows],
+                }
+            ).save_to_disk(str(directory / split))
     finally:
         enable_progress_bar()
-
-
-def _save_rows(directory: Path, splits: Dict[str, list], Dataset) -> None:
-    for split, rows in splits.items():
-        prompts, answers = zip(*rows)
-        Dataset.from_dict(
-            {
-                "prompt": list(prompts),
-                "answer": list(answers),
-                "text": [p + a for p, a in rows],
-            }
-        ).save_to_disk(str(directory / split))
 
 
 def _scores(model, tokenizer, splits: Dict[str, Dict[str, list]]) -> Dict[str, Dict[str, float]]:
@@ -196,11 +200,7 @@ def build_mini_lm(
                     manifest = build_into(tmp, recipe, seed, progress)
                 manifest.update(preset=preset, key=key, complete=True)
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-                if target.exists():  # force: replace the old build only once the new one is done
-                    trash = root / f".trash-{key}-{os.getpid()}"
-                    os.replace(target, trash)
-                    shutil.rmtree(trash, ignore_errors=True)
-                os.replace(tmp, target)
+                _install(tmp, target)  # under force, the old build goes only now
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return dict(manifest, path=str(target))
