@@ -50,15 +50,18 @@ PAPER_YAML = "method/statsmerging/paper.yaml"
 
 
 def paper_options() -> dict:
-    """The keys ``method=statsmerging/paper`` sets (read from its YAML: one source)."""
+    """The keys ``method=statsmerging/paper`` sets (read from its YAML: one source), by their flat
+    names as every setting of the grid."""
     from importlib.resources import files
 
     from omegaconf import OmegaConf
 
+    from statsmerge_plugin.method.statsmerging.options import flat_options
+
     cfg = OmegaConf.to_container(
         OmegaConf.create((files("statsmerge_plugin.config") / PAPER_YAML).read_text())
     )
-    return {k: v for k, v in cfg.items() if k not in ("defaults", "_target_")}
+    return flat_options({k: v for k, v in cfg.items() if k not in ("defaults", "_target_")})
 
 
 def _optim(mode: str, lrs: Sequence[float]) -> Dict[str, dict]:
@@ -264,9 +267,10 @@ def run_statsmerging(options: dict, pool, log_dir: Path, accelerator: str):
     import torch
 
     from statsmerge_plugin.method.statsmerging import StatsMergingForCLIP
+    from statsmerge_plugin.method.statsmerging.options import nest_flat_options
 
     torch.manual_seed(options.get("seed", 0))
-    alg = StatsMergingForCLIP(**options)
+    alg = StatsMergingForCLIP(**nest_flat_options(options))
     alg.fabric = fabric_with_log_dir(log_dir, accelerator)
     merged = alg.run(pool)
     summary = json.loads((log_dir / "statsmerging" / "summary.json").read_text())
@@ -300,10 +304,11 @@ def check_settings(settings: Dict[str, dict], base: dict) -> None:
     """Every setting is a valid option set (constructing the algorithm checks every option): a typo
     stops the grid before any run."""
     from statsmerge_plugin.method.statsmerging import StatsMergingForCLIP
+    from statsmerge_plugin.method.statsmerging.options import nest_flat_options
 
     for name, options in settings.items():
         try:
-            StatsMergingForCLIP(**(base | options))
+            StatsMergingForCLIP(**nest_flat_options(base | options))
         except (TypeError, ValueError) as err:
             raise SystemExit(f"setting {name!r}: {err}") from err
 

@@ -1,10 +1,10 @@
 """Seconds per StatsMerging training step: one merged forward per task (before) vs one merged forward
 of all tasks' images (after, issue 9 item 4), same machine, same run.
 
-A step is what ``StatsMergingForCLIP.train_learner`` does per step: the learner's coefficients, the
+A step is what ``LearnerTraining.run`` (method/statsmerging/training.py) does per step: the learner's coefficients, the
 functional merge of every tensor, the merged encoder on ``batch_size_per_task`` images of every task,
 each task's zero-shot head, the distillation loss, backward and an Adam step. Both variants run the
-algorithm's own ``distillation_step`` (``one_forward=False`` is the old per-task loop) on the same
+algorithm's own ``distillation_step`` (training.py) (``one_forward=False`` is the old per-task loop) on the same
 randomly initialised CLIP vision model, task vectors, images and heads; they are timed in alternating
 rounds so that load from other jobs hits both alike, and the median round is reported.
 
@@ -88,7 +88,9 @@ def setup(size: str, num_tasks: int, batch_size_per_task: int, num_classes: int,
     target = TaskVectorMerge(base, state, task_vectors)
     feats = alg.learner_features(task_vectors, features, list(state))
     model = alg.build_learner(num_tasks, feats)
-    optimizer, scheduler = build_optimiser(model, alg.optimiser_settings(), total_steps=10**6)
+    optimizer, scheduler = build_optimiser(
+        model, alg.options.optimiser_settings(), total_steps=10**6
+    )
     n_images = 4 * batch_size_per_task
     side = dims["image_size"]
     images = {t: torch.randn(n_images, 3, side, side) for t in tasks}
@@ -110,12 +112,14 @@ def main(argv=None) -> int:
 
     import torch
 
+    from statsmerge_plugin.method.statsmerging.training import distillation_step
     from statsmerge_plugin.threads import configure_torch_threads
 
     threads = configure_torch_threads()
     alg, target, feats, learner, optimizer, scheduler, images, teacher = setup(
         args.size, args.tasks, args.batch_size_per_task, args.classes, args.learner
     )
+    objective = alg.distillation()
     generator = torch.Generator().manual_seed(0)
 
     def step(one_forward: bool) -> None:
@@ -123,8 +127,8 @@ def main(argv=None) -> int:
             t: torch.randperm(len(x), generator=generator)[: args.batch_size_per_task]
             for t, x in images.items()
         }
-        loss = alg.distillation_step(
-            learner, feats, target, images, teacher, batches, one_forward=one_forward
+        loss = distillation_step(
+            learner, feats, target, objective, images, teacher, batches, one_forward=one_forward
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -127,7 +127,7 @@ def statsmerging_args(config_dir: Path, *extra: str, method="statsmerging/clip_l
         "taskpool=tiny",
         "method.max_steps=3",
         "method.num_unlabelled_per_task=8",
-        "method.hidden_dim=16",
+        "method.mlp.hidden_dim=16",
         "fabric.accelerator=cpu",
         "print_config=false",
         *extra,

@@ -744,7 +744,7 @@ def test_cli_hetero_statsmerging_on_a_tiny_mixed_pool(mixed, tmp_path):
             f"method.distillation.cache_dir={tmp_path / 'cache'}",
             "method.distillation.batch_size=8",
             "method.num_unlabelled_per_task=8",
-            "method.hidden_dim=16",
+            "method.mlp.hidden_dim=16",
             "fabric.accelerator=cpu",
             "print_config=false",
             "fast_dev_run=true",

@@ -440,3 +440,45 @@ def test_recipe_loop_measures_a_variant_on_val_and_logs_it(tmp_path):
     assert len(lines) == 1 and json.loads(lines[0])["key"] == record["key"]
     table = format_variants([json.loads(lines[0])])
     assert "| tiny | ft_steps=4 | 0 |" in table
+
+
+def test_build_command_honours_the_resolvers_seed_and_preset_variables(tmp_path):
+    """``STATSMERGE_MINI_SEED=3 statsmerge-mini build`` builds seed 3, the build the first
+    ``fusion_bench`` run then resolves (``${mini_clip:}``), not seed 0; ``--seed`` still wins."""
+    from statsmerge_plugin.mini.resolver import mini_clip_root
+
+    env = dict(
+        os.environ,
+        STATSMERGE_MINI_SEED="3",
+        STATSMERGE_MINI_PRESET="smoke",
+        STATSMERGE_MINI_ROOT=str(tmp_path),
+    )
+    cmd = [sys.executable, "-m", "statsmerge_plugin.mini", "build", "--quiet"]
+    cmd += ["--tasks", PAIR[0]]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=True)
+    built = Path(out.stdout.strip().splitlines()[-1])
+    manifest = read_manifest(built)
+    assert manifest["seed"] == 3 and manifest["preset"] == "smoke"
+    explicit = subprocess.run(
+        [*cmd, "--seed", "4"], env=env, capture_output=True, text=True, timeout=600, check=True
+    )
+    assert read_manifest(Path(explicit.stdout.strip().splitlines()[-1]))["seed"] == 4
+    bad = subprocess.run(
+        cmd, env=env | {"STATSMERGE_MINI_SEED": "x"}, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "$STATSMERGE_MINI_SEED='x'" in bad.stderr
+    with pytest.raises(ValueError, match="STATSMERGE_MINI_SEED"):
+        mini_clip_root("smoke", "three")
+
+
+def test_mini_pool_banner_states_the_recipes_split_sizes():
+    """The pool YAML's banner gives each split's images per class as the default recipe builds them."""
+    import re
+
+    recipe = get_recipe("default")
+    path = Path(__file__).parents[1] / "config/modelpool/CLIPVisionModelPool/mini-clip_TA8.yaml"
+    banner = {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"#\s+(\w+)_datasets\s.*?\((\d+) images/class\)", path.read_text())
+    }
+    assert banner == {"train": recipe.n_train, "val": recipe.n_val, "test": recipe.n_test}

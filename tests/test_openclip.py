@@ -35,9 +35,9 @@ from statsmerge_plugin.method.openclip import (  # noqa: E402
     load_openclip_model,
 )
 from statsmerge_plugin.method.prodistill import ProDistillForCLIP  # noqa: E402
+from statsmerge_plugin.method.prodistill.adapters import block_layout  # noqa: E402
 from statsmerge_plugin.method.prodistill.layers import (  # noqa: E402
     OPENCLIP_LAYOUT,
-    block_layout,
     canonical_parameters,
 )
 from statsmerge_plugin.method.statsmerging import StatsMergingForCLIP  # noqa: E402
@@ -99,7 +99,9 @@ def test_the_pool_is_fusion_bench_openclip_pool_and_loads_the_pickles(tiny_openc
 def test_statsmerging_merges_an_openclip_pool(tiny_openclip, tmp_path):
     pool = make_pool(tiny_openclip)
     alg = with_log_dir(
-        StatsMergingForCLIP(max_steps=3, num_unlabelled_per_task=8, hidden_dim=16, lr=1e-2),
+        StatsMergingForCLIP(
+            max_steps=3, num_unlabelled_per_task=8, mlp={"hidden_dim": 16}, optim={"lr": 1e-2}
+        ),
         tmp_path,
     )
     merged = alg.run(pool)
@@ -209,7 +211,7 @@ def test_a_task_without_a_head_is_named_before_training(tiny_openclip):
     """StatsMerging's teachers and merged model need every task's head (ProDistill uses none)."""
     heads = openclip_pool_config(tiny_openclip)["classification_heads"]
     pool = make_pool(tiny_openclip, classification_heads={"mnist": heads["mnist"]})
-    alg = StatsMergingForCLIP(max_steps=1, num_unlabelled_per_task=8, hidden_dim=16)
+    alg = StatsMergingForCLIP(max_steps=1, num_unlabelled_per_task=8, mlp={"hidden_dim": 16})
     with pytest.raises(ValueError, match="task 'eurosat': the OpenCLIP model pool has no classif"):
         alg.run(pool)
 
@@ -230,7 +232,7 @@ def test_cli_runs_statsmerging_on_an_openclip_pool_and_evaluates_it(tiny_opencli
         "taskpool=tiny_openclip",
         "method.max_steps=2",
         "method.num_unlabelled_per_task=8",
-        "method.hidden_dim=16",
+        "method.mlp.hidden_dim=16",
         "fabric.accelerator=cpu",
         "print_config=false",
     ]

@@ -24,7 +24,8 @@ from fusion_bench.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from statsmerge_plugin.method.prodistill import ProDistillForCausalLM, ProDistillForGPT2
-from statsmerge_plugin.method.prodistill.layers import block_layout, block_template
+from statsmerge_plugin.method.prodistill.adapters import block_layout
+from statsmerge_plugin.method.prodistill.layers import block_template
 from statsmerge_plugin.method.prodistill.merge import block_loss
 from statsmerge_plugin.model_io import canonical_parameters
 from statsmerge_plugin.text_data import pad_shots, parse_specs

@@ -245,7 +245,7 @@ def test_both_methods_run_on_the_mini_generalization_pool_and_report_seen_unseen
         "statsmerging_lw,prodistill",
         *("--method-override", "statsmerging_lw:method.max_steps=2"),
         *("--method-override", "statsmerging_lw:method.num_unlabelled_per_task=8"),
-        *("--method-override", "statsmerging_lw:method.hidden_dim=16"),
+        *("--method-override", "statsmerging_lw:method.mlp.hidden_dim=16"),
         *("--method-override", "prodistill:method.shots_per_task=8"),
         *("--method-override", "prodistill:method.epochs_per_block=1"),
         *("--method-override", "prodistill:method.batch_size=8"),

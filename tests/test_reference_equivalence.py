@@ -290,13 +290,11 @@ def test_per_tensor_learner_trains_to_the_official_coefficients(seq_first_opencl
     alg = StatsMergingForCLIP(
         learner="per_tensor",
         granularity="layer_wise",
-        feature_norm="none",  # the official code's rule; our defaults differ (docs/statsmerging.md)
-        output_norm="softmax",
-        init_scale=1.0,
-        zero_init_output=False,
-        hidden_dim=hidden,
-        lr=1e-3,
-        lr_schedule="cosine",
+        # the official code's rule; our defaults differ (docs/statsmerging.md)
+        features={"feature_norm": "none"},
+        coefficients={"output_norm": "softmax", "init_scale": 1.0},
+        mlp={"zero_init_output": False, "hidden_dim": hidden},
+        optim={"lr": 1e-3, "lr_schedule": "cosine"},
         max_steps=steps,
         batch_size_per_task=per_task,
         num_unlabelled_per_task=8,

@@ -15,6 +15,9 @@ from tiny_clip import pool_config, with_noise_split
 
 from statsmerge_plugin.data import stack_images
 from statsmerge_plugin.method.statsmerging import StatsMergingForCLIP
+from statsmerge_plugin.method.statsmerging.images import split_for_selection
+from statsmerge_plugin.method.statsmerging.options import FLAT_KEYS, nest_flat_options
+from statsmerge_plugin.method.statsmerging.training import distillation_step
 
 
 def make_pool(cfg: dict):
@@ -23,7 +26,7 @@ def make_pool(cfg: dict):
 
 def fast(**kw):
     opts = dict(max_steps=3, num_unlabelled_per_task=8, batch_size_per_task=4, hidden_dim=16)
-    return StatsMergingForCLIP(**(opts | kw))
+    return StatsMergingForCLIP(**nest_flat_options(opts | kw))
 
 
 # the paper's learner and coefficient rule (method=statsmerging/paper), for tests about those
@@ -59,7 +62,7 @@ def test_run_writes_outputs_and_returns_the_merge_of_its_coefficients(
     # the default starts every coefficient at init_scale / K (output_norm none, zero-initialised
     # output layer) and three steps move it
     assert torch.isfinite(coef).all()
-    assert not torch.allclose(coef, torch.full_like(coef, alg.init_scale / len(tasks)))
+    assert not torch.allclose(coef, torch.full_like(coef, alg.options.coefficients.init_scale / len(tasks)))
     assert_is_the_merge_of(merged, tiny_pool, coef, names)
     rows = list(csv.reader(open(out / "coefficients.csv")))
     assert rows[0] == ["task", *names] and [r[0] for r in rows[1:]] == tasks
@@ -142,7 +145,8 @@ def test_algorithm_gradients_reach_the_learner_only(tiny_pool):
     features = alg.learner_features(target.task_vectors, feats, target.names)
     learner = alg.build_learner(len(tasks), features)
     batches = {t: torch.arange(4) for t in tasks}
-    alg.distillation_step(learner, features, target, images, teacher, batches).backward()
+    objective = alg.distillation()
+    distillation_step(learner, features, target, objective, images, teacher, batches).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.parameters())
     assert all(p.grad is None for p in target.base.parameters())
     assert all(p.grad is None for p in alg.visual_projection.parameters())
@@ -211,6 +215,14 @@ def without(d: dict, key: str) -> dict:
     return {k: v for k, v in d.items() if k != key}
 
 
+def test_svd_rank_zero_is_refused_while_singular_values_are_features():
+    with pytest.raises(ValueError, match=r"`features.svd_rank=0` leaves no singular values"):
+        StatsMergingForCLIP(features={"svd_rank": 0})
+    # without singular values among the features, rank 0 is valid (no sigma columns)
+    alg = StatsMergingForCLIP(features={"svd_rank": 0, "stat_features": ["mean", "l2_norm"]})
+    assert alg.options.features.svd_rank == 0
+
+
 @pytest.mark.parametrize(
     "option, value",
     [
@@ -253,8 +265,10 @@ def without(d: dict, key: str) -> dict:
     ],
 )
 def test_invalid_options_name_the_option(option, value):
-    with pytest.raises(ValueError, match=f"invalid value .* for option `{option}`"):
-        StatsMergingForCLIP(**{option: value})
+    """Named by its key, in its group (the flat names of the parametrisation are the old ones)."""
+    key = ".".join(FLAT_KEYS[option]) if option in FLAT_KEYS else option
+    with pytest.raises(ValueError, match=f"invalid value .* for option `{key}`"):
+        StatsMergingForCLIP(**nest_flat_options({option: value}))
 
 
 @pytest.mark.parametrize(
@@ -391,12 +405,13 @@ def test_one_merged_forward_gives_the_loss_and_gradients_of_one_forward_per_task
     alg, tasks, target, images, feats, teacher = prepared(tiny_pool)
     features = alg.learner_features(target.task_vectors, feats, target.names)
     batches = {t: torch.tensor([3, 0, 5, 1]) for t in tasks}
+    objective = alg.distillation()
     results = []
     for one_forward in (True, False):
         torch.manual_seed(0)
         learner = alg.build_learner(len(tasks), features)
-        loss = alg.distillation_step(
-            learner, features, target, images, teacher, batches, one_forward=one_forward
+        loss = distillation_step(
+            learner, features, target, objective, images, teacher, batches, one_forward=one_forward
         )
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in learner.parameters()]))
@@ -455,9 +470,10 @@ def test_backward_task_by_task_gives_the_gradient_of_one_backward_and_holds_one_
     features = alg.learner_features(target.task_vectors, feats, target.names)
     batches = {t: torch.tensor([3, 0, 5, 1]) for t in tasks}
     start = {t: 0.5 + k for k, t in enumerate(tasks)}
-    alg.task_weighting = "relative"  # each task's part divided by its own start loss
+    alg.options.objective.task_weighting = "relative"  # each task's part over its start loss
+    training = alg.training()
 
-    import statsmerge_plugin.method.statsmerging.statsmerging as module
+    import statsmerge_plugin.method.statsmerging.training as module
 
     tracker = LiveSavedBytes()
 
@@ -480,16 +496,17 @@ def test_backward_task_by_task_gives_the_gradient_of_one_backward_and_holds_one_
         return loss, [p.grad.clone() for p in learner.parameters()], tracker.peak
 
     def one_backward(learner):
-        loss = alg.distillation_step(learner, features, target, images, teacher, batches, start)
+        objective = training.objective
+        loss = distillation_step(
+            learner, features, target, objective, images, teacher, batches, start
+        )
         loss.backward()
         return loss.detach()
 
     def by_groups(per_image):
         def step(learner):
-            alg._activation_bytes_per_image = per_image
-            return alg.distillation_backward(
-                learner, features, target, images, teacher, batches, start
-            )
+            training.activation_bytes_per_image = per_image
+            return training.backward(learner, features, target, images, teacher, batches, start)
 
         return step
 
@@ -507,7 +524,7 @@ def test_backward_task_by_task_gives_the_gradient_of_one_backward_and_holds_one_
         for g, want in zip(grads, ref_grads):
             torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-7, msg=name)
         if name == "measured":
-            assert alg._activation_bytes_per_image > 0
+            assert training.activation_bytes_per_image > 0
     # one task's activations at a time: about 1 / K of one backward over every task's images
     # (K = 2 here); no backward holds more than one through the differentiable merge (which also
     # keeps the task vectors for the merge's own backward)
@@ -644,8 +661,8 @@ def test_selection_images_are_held_out_of_training():
     images = {"a": torch.arange(12.0)[:, None], "b": torch.arange(100.0, 108.0)[:, None]}
     teacher = {t: x.clone() for t, x in images.items()}
     read = {"a": {}, "b": {}}
-    (train, train_teacher), (held, held_teacher) = alg.split_for_selection(
-        ["a", "b"], images, teacher, read
+    (train, train_teacher), (held, held_teacher) = split_for_selection(
+        ["a", "b"], images, teacher, read, alg.options
     )
     for t in images:
         kept, out = set(train[t].flatten().tolist()), set(held[t].flatten().tolist())
@@ -692,7 +709,8 @@ def test_model_selection_returns_the_best_evaluated_step(tiny_pool, tmp_path, se
 @pytest.mark.parametrize("norm", ["standardize", "log_standardize"])
 def test_feature_normalisation_works_for_every_granularity(tiny_pool, granularity, learner, norm):
     alg, tasks, target, images, feats, teacher = prepared(tiny_pool)
-    alg.granularity, alg.learner, alg.feature_norm = granularity, learner, norm
+    o = alg.options
+    o.granularity, o.learner, o.features.feature_norm = granularity, learner, norm
     features = alg.learner_features(target.task_vectors, feats, target.names)
     assert torch.isfinite(features).all()
     assert features.abs().sum() > 0  # a single task-wise row used to standardise to all zeros
@@ -704,11 +722,12 @@ def test_feature_normalisation_works_for_every_granularity(tiny_pool, granularit
 
 def test_stat_features_choose_the_learners_inputs(tiny_pool):
     alg, tasks, target, images, feats, teacher = prepared(tiny_pool)
-    alg.learner, alg.feature_norm = "shared", "none"
-    alg.stat_features = ["mean", "l2_norm"]
+    o = alg.options
+    o.learner, o.features.feature_norm = "shared", "none"
+    o.features.stat_features = ["mean", "l2_norm"]
     shared = alg.learner_features(target.task_vectors, feats, target.names)
     torch.testing.assert_close(shared, feats[..., [0, 2]])
-    alg.learner = "per_tensor"
+    o.learner = "per_tensor"
     assert alg.learner_features(target.task_vectors, feats, target.names).shape[-1] == 2
 
 
@@ -725,7 +744,7 @@ def test_learned_scale_is_reported(tiny_pool, tmp_path):
 def test_whole_split_is_streamed_a_batch_at_a_time_never_stacked(tiny_pool, tmp_path, monkeypatch):
     """``num_unlabelled_per_task: null`` reads the whole held-out split: its images are processed
     when used (the values stacking gives), never held as one tensor."""
-    import statsmerge_plugin.method.statsmerging.statsmerging as module
+    import statsmerge_plugin.method.statsmerging.images as module
     from statsmerge_plugin.data import held_out_images
 
     alg = fast()

@@ -52,7 +52,11 @@ def _texts(task: str, n: int, seed: int) -> list:
     out = []
     for _ in range(n):
         a, b = torch.randint(0, 50, (2,), generator=g).tolist()
-        out.append(f"{a}+{b}=" if task == "math" else "rev:" + "".join(ALPHABET[i] for i in [a % 26, b % 26]))
+        out.append(
+            f"{a}+{b}="
+            if task == "math"
+            else "rev:" + "".join(ALPHABET[i] for i in [a % 26, b % 26])
+        )
     return out
 
 
@@ -113,7 +117,9 @@ def causal_lm_pool(paths: dict, lazy: bool = False):
     return instantiate(DictConfig(causal_lm_pool_config(paths, lazy)), _recursive_=False)
 
 
-def build_tiny_gpt2(root: Path, tasks: Sequence[str] = ("cola", "sst2"), noise: float = 0.05) -> dict:
+def build_tiny_gpt2(
+    root: Path, tasks: Sequence[str] = ("cola", "sst2"), noise: float = 0.05
+) -> dict:
     """``pretrained/`` (GPT2Model) and ``<task>/`` (GPT2ForSequenceClassification checkpoints, as
     ``tanganke/gpt2_<task>``), a tokenizer, and tokenized ``train_<task>`` datasets."""
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2Model

@@ -10,6 +10,8 @@ import json
 import sys
 from typing import List, Optional
 
+from .resolver import ENV_PRESET, ENV_SEED, default_preset, default_seed
+
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="statsmerge-mini", description=__doc__)
@@ -18,11 +20,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     build.add_argument(
         "--root", default=None, help="cache dir (default: $STATSMERGE_MINI_ROOT or user cache)"
     )
-    build.add_argument("--seed", type=int, default=0)
+    build.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help=f"build seed (default: ${ENV_SEED} or 0, as the configs' ${{mini_clip:}} resolves it)",
+    )
     build.add_argument(
         "--tasks", default=None, help="comma-separated subset, e.g. mini_mnist,mini_dtd"
     )
-    build.add_argument("--preset", default="default", choices=["default", "smoke"])
+    build.add_argument(
+        "--preset",
+        default=None,
+        choices=["default", "smoke"],
+        help=f"recipe preset (default: ${ENV_PRESET} or default, as the resolver does)",
+    )
     build.add_argument(
         "--force", action="store_true", help="rebuild even if a complete build exists"
     )
@@ -88,9 +100,9 @@ def run(args: argparse.Namespace) -> int:
 
     manifest = build_mini_benchmark(
         root=args.root,
-        seed=args.seed,
+        seed=default_seed(args.seed),
         tasks=args.tasks,
-        preset=args.preset,
+        preset=default_preset(args.preset),
         force=args.force,
         progress=not args.quiet,
     )

@@ -16,29 +16,17 @@ an ``fcntl`` lock on ``<root>/.<key>.lock`` keeps concurrent processes from buil
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 from .recipe import RECIPE_VERSION, Recipe, build_key, get_recipe, library_versions, pretrain_key
+from .store import read_manifest  # noqa: F401 (part of this module's API: tests, callers)
+from .store import cached_build, check_root, default_root, file_lock, torch_threads
 from .tasks import TASK_NAMES
-
-ENV_ROOT = "STATSMERGE_MINI_ROOT"
-MANIFEST = "manifest.json"
-
-
-def default_root() -> Path:
-    """``$STATSMERGE_MINI_ROOT`` or ``<user cache dir>/statsmerge-plugin/mini``."""
-    if os.environ.get(ENV_ROOT):
-        return Path(os.environ[ENV_ROOT]).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("statsmerge-plugin")) / "mini"
 
 
 def normalize_tasks(tasks: Union[None, str, Sequence[str]]) -> tuple:
@@ -54,52 +42,6 @@ def normalize_tasks(tasks: Union[None, str, Sequence[str]]) -> tuple:
     if not names:
         raise ValueError(f"the task subset {tasks!r} names no task; known: {', '.join(TASK_NAMES)}")
     return tuple(t for t in TASK_NAMES if t in names)
-
-
-def check_root(root: Path) -> Path:
-    """``root`` as a directory the builder can write into (created if missing), else a clear error."""
-    if root.exists() and not root.is_dir():
-        raise NotADirectoryError(f"mini benchmark root {str(root)!r} exists and is not a directory")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OSError(f"cannot create the mini benchmark root {str(root)!r}: {err}") from err
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise PermissionError(f"mini benchmark root {str(root)!r} is not writable")
-    return root
-
-
-def read_manifest(path: Path) -> Optional[dict]:
-    """The manifest of a complete build at ``path``, else ``None``."""
-    try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if manifest.get("complete") else None
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive ``fcntl`` lock (blocks until the holder releases it, e.g. another DDP rank)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _stage(timings: Dict[str, float], name: str, start: float) -> float:
@@ -213,15 +155,6 @@ def build_into(
     return manifest
 
 
-def _install(tmp: Path, target: Path) -> None:
-    """Atomically move a finished build into place (replacing an old one under ``force``)."""
-    if target.exists():
-        trash = target.with_name(f".trash-{target.name}-{os.getpid()}")
-        os.replace(target, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    os.replace(tmp, target)
-
-
 def build_mini_benchmark(
     root: Union[None, str, Path] = None,
     seed: int = 0,
@@ -248,25 +181,15 @@ def build_mini_benchmark(
     tasks = normalize_tasks(tasks)
     root = check_root(Path(root).expanduser() if root is not None else default_root())
     key = build_key(recipe, preset, seed, tasks)
-    target = root / key
-    with file_lock(root / f".{key}.lock"):
-        manifest = None if force else read_manifest(target)
-        if manifest is None:
-            for stale in root.glob(f".tmp-{key}-*"):  # left by an interrupted build
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp = root / f".tmp-{key}-{os.getpid()}"
-            try:
-                stage_dir = root / ".stages" / pretrain_key(recipe, seed, tasks)
-                if force:
-                    shutil.rmtree(stage_dir, ignore_errors=True)
-                with torch_threads(recipe.num_threads):
-                    manifest = build_into(tmp, recipe, seed, tasks, progress, stage_dir)
-                manifest.update(preset=preset, key=key, complete=True)
-                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-                _install(tmp, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return dict(manifest, path=str(target))
+
+    def build(tmp: Path) -> dict:
+        stage_dir = root / ".stages" / pretrain_key(recipe, seed, tasks)
+        if force:
+            shutil.rmtree(stage_dir, ignore_errors=True)
+        with torch_threads(recipe.num_threads):
+            return build_into(tmp, recipe, seed, tasks, progress, stage_dir)
+
+    return cached_build(root, key, build, force, extra={"preset": preset, "key": key})
 
 
 def ensure_built(

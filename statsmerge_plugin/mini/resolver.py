@@ -21,10 +21,23 @@ ENV_SEED = "STATSMERGE_MINI_SEED"
 _cache: Dict[Tuple[str, int, Optional[str]], str] = {}
 
 
+def default_preset(preset: Optional[str] = None) -> str:
+    """``preset``, else ``$STATSMERGE_MINI_PRESET``, else ``default`` (the resolver and the CLI)."""
+    return str(preset or os.environ.get(ENV_PRESET) or "default")
+
+
+def default_seed(seed=None) -> int:
+    """``seed``, else ``$STATSMERGE_MINI_SEED``, else 0 (the resolver and the CLI)."""
+    value = seed if seed not in (None, "") else os.environ.get(ENV_SEED, 0)
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"${ENV_SEED}={value!r}: expected an integer build seed") from None
+
+
 def mini_clip_root(preset: Optional[str] = None, seed=None) -> str:
     """Resolver body: path of the complete build for ``preset`` / ``seed``."""
-    preset = str(preset or os.environ.get(ENV_PRESET) or "default")
-    seed = int(seed if seed not in (None, "") else os.environ.get(ENV_SEED, 0))
+    preset, seed = default_preset(preset), default_seed(seed)
     key = (preset, seed, os.environ.get("STATSMERGE_MINI_ROOT"))
     if key not in _cache:
         from .build import ensure_built

@@ -19,21 +19,15 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Dict, Optional, Union
 
-from ..mini.build import (  # the mini-TA8 builder's cache, lock and install helpers
-    MANIFEST,
-    _install,
+from ..mini.store import (  # the mini-TA8 builds' cache, lock and atomic install
+    cached_build,
     check_root,
     default_root,
-    file_lock,
-    read_manifest,
     torch_threads,
 )
 from .recipe import RECIPE_VERSION, Recipe, build_key, get_recipe, library_versions
@@ -188,22 +182,12 @@ def build_mini_lm(
         raise ValueError(f"mini-lm seed must be a non-negative integer, got {seed!r}")
     root = check_root(Path(root).expanduser() if root is not None else default_root())
     key = build_key(recipe, preset, seed)
-    target = root / key
-    with file_lock(root / f".{key}.lock"):
-        manifest = None if force else read_manifest(target)
-        if manifest is None:
-            for stale in root.glob(f".tmp-{key}-*"):  # left by an interrupted build
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp = root / f".tmp-{key}-{os.getpid()}"
-            try:
-                with torch_threads(recipe.num_threads):
-                    manifest = build_into(tmp, recipe, seed, progress)
-                manifest.update(preset=preset, key=key, complete=True)
-                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-                _install(tmp, target)  # under force, the old build goes only now
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return dict(manifest, path=str(target))
+
+    def build(tmp: Path) -> dict:
+        with torch_threads(recipe.num_threads):
+            return build_into(tmp, recipe, seed, progress)
+
+    return cached_build(root, key, build, force, extra={"preset": preset, "key": key})
 
 
 def ensure_built(

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -38,7 +37,7 @@ from typing import Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 
-from statsmerge_plugin.mini.build import MANIFEST, _install, check_root, file_lock, read_manifest
+from statsmerge_plugin.mini.store import cached_build, check_root, read_manifest
 
 from .specs import ClipSize, get_size, vision_parameter_count
 
@@ -293,18 +292,12 @@ def build_pool(root, recipe: PoolRecipe = PoolRecipe(), force: bool = False) -> 
     """
     root = check_root(Path(root).expanduser())
     target = root / recipe.key()
-    with file_lock(root / f".{recipe.key()}.lock"):
-        if read_manifest(target) is not None and not force:
-            return target
-        tmp = root / f".tmp-{recipe.key()}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            tmp.mkdir(parents=True)
-            manifest = _build(tmp, recipe)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: complete
-            _install(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def build(tmp: Path) -> Dict:
+        tmp.mkdir(parents=True)
+        return _build(tmp, recipe)
+
+    cached_build(root, recipe.key(), build, force)
     return target
 
 

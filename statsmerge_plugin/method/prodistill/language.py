@@ -49,8 +49,8 @@ from ...model_io import canonical_buffers, canonical_parameters, load_pool_model
 from ...text_data import few_shot_texts, pad_shots, parse_specs, tokenize_texts
 from ...threads import configure_torch_threads
 from ...validation import check_choice, check_int, check_pool_models
+from .adapters import block_layout
 from .engine import PRETRAINED, ProDistillEngine
-from .layers import block_layout
 
 log = logging.getLogger(__name__)
 

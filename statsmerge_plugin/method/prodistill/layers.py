@@ -1,7 +1,7 @@
 R"""ProDistill's per-architecture adapters (:class:`BlockLayout`): where a model keeps its blocks and
 its embedding stage, and how to call one block functionally (spec §5.12, §6). The vision adapters are
 here (Hugging Face ``CLIPVisionModel``, open_clip ``ImageEncoder``); the language ones (GPT-2, decoder
-LMs) in :mod:`.text_layers`. :func:`block_layout` picks the adapter of a model.
+LMs) in :mod:`.text_layers`. :func:`.adapters.block_layout` picks the adapter of a model.
 
 Parameter names are canonical (:mod:`statsmerge_plugin.model_io.canonical`): relative to the vision
 backbone for CLIP, the model's own names for language models.
@@ -217,18 +217,3 @@ OPENCLIP_LAYOUT = BlockLayout(
     call_resblock,
     call_openclip_embedding_stage,
 )
-
-
-def block_layout(model: nn.Module) -> BlockLayout:
-    """The adapter of ``model``: an open_clip ``ImageEncoder`` or ``VisionTransformer``
-    (:data:`OPENCLIP_LAYOUT`), GPT-2 or a decoder-only LM (:func:`.text_layers.text_layout`),
-    otherwise a Hugging Face CLIP vision model (:data:`HF_CLIP_LAYOUT`)."""
-    from .text_layers import text_layout
-
-    text = text_layout(model)
-    if text is not None:
-        return text
-    backbone = vision_backbone(model)
-    if hasattr(backbone, "transformer") and hasattr(backbone.transformer, "resblocks"):
-        return OPENCLIP_LAYOUT
-    return HF_CLIP_LAYOUT

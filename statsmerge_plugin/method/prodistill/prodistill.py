@@ -100,8 +100,9 @@ from ...model_io import canonical_buffers, canonical_parameters, load_pool_model
 from ...threads import configure_torch_threads
 from ...validation import check_choice, check_pool_models
 from ..openclip import is_openclip_pool, openclip_processor
+from .adapters import block_layout
 from .engine import OUTPUT_FILES, PRETRAINED, ProDistillEngine  # noqa: F401 - re-exported
-from .layers import block_layout, vision_backbone
+from .layers import vision_backbone
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,12 @@ The pool config loads teachers with ``_target_: statsmerge_plugin.mini.hetero.bu
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Optional, Union
 
-from ..build import MANIFEST, file_lock, read_manifest, torch_threads
 from ..recipe import Recipe, library_versions
+from ..store import cached_build, read_manifest, torch_threads
 from .recipe import HETERO_PRESETS, HETERO_VERSION, TEACHERS, HeteroRecipe, hetero_key
 
 
@@ -93,18 +90,12 @@ def ensure_hetero_built(
     target = hetero_dir(mini_root, preset)
     if read_manifest(target) is not None:
         return target
-    with file_lock(target.parent / f".{target.name}.lock"):
-        if read_manifest(target) is None:
-            for stale in target.parent.glob(f".tmp-{target.name}-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-            try:
-                manifest = build_teachers(tmp, mini_root, HETERO_PRESETS[preset], progress)
-                manifest.update(preset=preset, base=str(mini_root), key=target.name, complete=True)
-                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-                os.replace(tmp, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+    cached_build(
+        target.parent,
+        target.name,
+        lambda tmp: build_teachers(tmp, mini_root, HETERO_PRESETS[preset], progress),
+        extra={"preset": preset, "base": str(mini_root), "key": target.name},
+    )
     return target
 
 

@@ -11,7 +11,7 @@ A student lives in ``<cache_dir>/<key>/`` (``save_pretrained`` of a ``CLIPVision
 ``manifest.json``), written in ``<cache_dir>/.tmp-<key>-<pid>/`` and moved into place with
 ``os.replace``; ``manifest.json`` with ``"complete": true`` is written last, so an interrupted write
 is never taken for a complete student. The conventions (and the lock / manifest helpers) are the
-mini benchmark builder's (:mod:`statsmerge_plugin.mini.build`).
+mini benchmark builder's (:mod:`statsmerge_plugin.mini.store`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from statsmerge_plugin.mini.build import MANIFEST, file_lock, read_manifest
+from statsmerge_plugin.mini.store import MANIFEST, file_lock, read_manifest
 
 # bump when the meaning of the cached content changes (e.g. the training loop); 2: streamed
 # training images, the data digest covers the images the steps use

@@ -29,30 +29,24 @@ uses labels).
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import yaml
 from fusion_bench import BaseAlgorithm, auto_register_config
 from fusion_bench.mixins import CLIPClassificationMixin, SimpleProfilerMixin
 from fusion_bench.modelpool import CLIPVisionModelPool
-from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from statsmerge_plugin.data import (
     TestSplitGuard,
     dataset_record,
     held_out_indices,
-    resolve_held_out_source,
 )
 from statsmerge_plugin.validation import (
     check_bool,
     check_int,
-    check_task_classnames,
     check_writable_dir,
     existing_artefacts,
 )
@@ -68,50 +62,17 @@ from .cache import (
     tensor_digest,
 )
 from .distill import DistillOptions, distill, plan_batches
-from .report import accuracy, write_report
-from .stream import LabelledPairs, PairedViews, images_digest, used_positions
-from .teachers import (
-    Teacher,
-    build_teacher,
-    is_clip_vision_model,
-    parameter_shapes,
-    processor_identity,
-    same_architecture,
-)
+from .pool_plan import PoolPlan, inspect_pool, plain
+from .pool_plan import student_pool as build_student_pool
+from .pool_plan import write_student_pool
+from .report import accuracy
+from .stream import LabelledPairs, PairedViews, images_digest, read_labels, used_positions
+from .teachers import Teacher, processor_identity
 
 log = logging.getLogger(__name__)
 
 #: What ``run`` writes into ``output_dir``; an earlier run's copies are never replaced silently.
 OUTPUT_ENTRIES = ("students", "modelpool", "report.json", "report.md")
-
-
-def plain(cfg: Any) -> Any:
-    """A resolved, plain-Python copy of a config value (DictConfig / ListConfig / scalar)."""
-    if OmegaConf.is_config(cfg):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
-
-
-def read_labels(dataset, indices: List[int]) -> torch.Tensor:
-    """Ground-truth labels of ``dataset[indices]`` (only ever called with ``use_labels``); a Hugging
-    Face dataset's label column is read without decoding its images."""
-    if hasattr(dataset, "select_columns") and "label" in getattr(dataset, "column_names", ()):
-        return torch.tensor(dataset.select_columns(["label"])[list(indices)]["label"])
-    labels = []
-    for i in indices:
-        item = dataset[i]
-        labels.append(int(item["label"] if isinstance(item, dict) else item[1]))
-    return torch.tensor(labels, dtype=torch.long)
-
-
-@dataclass
-class PoolPlan:
-    """What the pool holds: the target, the same-architecture models and the teachers."""
-
-    target: str
-    tasks: List[str]
-    same_architecture: List[str] = field(default_factory=list)
-    teachers: Dict[str, Teacher] = field(default_factory=dict)
 
 
 @auto_register_config
@@ -214,7 +175,9 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
         out = self.check_output_dir()  # before any work
         student_pool, report = self.distill_pool(modelpool)
         if self.fabric.is_global_zero:
-            self.write_outputs(out, modelpool, student_pool, report)
+            write_student_pool(
+                out, self.pool_name, student_pool, report, getattr(self, "_loss_curves", {})
+            )
         self.print_profile_summary()
         return None
 
@@ -276,7 +239,7 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
                 students[task], records[task], losses[task] = self.distill_teacher(
                     modelpool, plan.teachers[task], base_id
                 )
-        student_pool = self.student_pool(modelpool, plan, students)
+        student_pool = build_student_pool(modelpool, plan, students)
         report = {
             "target": plan.target,
             "same_architecture": plan.same_architecture,
@@ -299,69 +262,9 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
 
     # ------------------------------------------------------------------------------------------
     def inspect_pool(self, modelpool) -> PoolPlan:
-        """All input checks, before any training: one clear error naming the culprit.
-
-        Raises:
-            ValueError: no ``_pretrained_`` target, a target that is not a CLIP vision model, no
-              task
-                models, a task without FusionBench class names, a teacher without a usable head or
-                processor, a teacher/task class-count mismatch, a teacher without a train split, an
-                override for an unknown task.
-        """
-        from fusion_bench.tasks.clip_classification import get_classnames_and_templates
-
-        if not modelpool.has_pretrained:
-            raise ValueError(
-                "the model pool has no `_pretrained_` model: heterogeneous merging distils every "
-                "teacher into the target architecture, which is the pool's `_pretrained_` "
-                f"(pool models: {modelpool.all_model_names})"
-            )
-        tasks = list(modelpool.model_names)
-        if not tasks:
-            raise ValueError("the model pool has no task models besides `_pretrained_`")
-        overrides = plain(self.teachers) or {}
-        unknown = sorted(set(overrides) - set(tasks))
-        if unknown:
-            raise ValueError(f"option `teachers` names tasks that are not in the pool: {unknown}")
+        """:func:`~.pool_plan.inspect_pool` with this run's teacher overrides and test-split guard."""
         with self.profile("inspect pool"):
-            base = modelpool.load_pretrained_model()
-            if not is_clip_vision_model(base):
-                raise ValueError(
-                    f"`_pretrained_` is a {type(base).__name__}, not a CLIP vision model: the "
-                    "target architecture must be a CLIP vision model (its zero-shot heads "
-                    "classify the students)"
-                )
-            check_task_classnames(tasks)
-            base_shapes = parameter_shapes(base)
-            plan = PoolPlan(
-                target=f"{type(base).__name__}, {len(base_shapes)} tensors", tasks=tasks
-            )
-            del base
-            for task in tasks:
-                model = modelpool.load_model(task)
-                if same_architecture(base_shapes, parameter_shapes(model)):
-                    plan.same_architecture.append(task)
-                    if task in overrides:
-                        raise ValueError(
-                            f"option `teachers.{task}`: {task!r} is not a teacher "
-                            "(same architecture)"
-                        )
-                    continue
-                classnames, templates = get_classnames_and_templates(task)
-                plan.teachers[task] = build_teacher(
-                    task,
-                    model,
-                    classnames,
-                    templates,
-                    override=overrides.get(task),
-                    config=plain(modelpool.get_model_config(task)),
-                )
-                # a train split, and none of the model pool's or task pool's test sets
-                resolve_held_out_source(modelpool, task, "train", self._guard)
-                log.info(
-                    f"task {task!r}: teacher ({plan.teachers[task].kind}, {type(model).__name__})"
-                )
-        return plan
+            return inspect_pool(modelpool, self.teachers, self._guard)
 
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
@@ -520,68 +423,3 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
             del student
 
     # ------------------------------------------------------------------------------------------
-    def student_pool(
-        self, modelpool, plan: PoolPlan, students: Dict[str, Path]
-    ) -> CLIPVisionModelPool:
-        """The pool to merge: ``_pretrained_``, same-architecture entries, students (task order)."""
-        models = {"_pretrained_": plain(modelpool.get_model_config("_pretrained_"))}
-        for task in plan.tasks:
-            models[task] = (
-                str(students[task]) if task in students else plain(modelpool.get_model_config(task))
-            )
-        datasets = {
-            f"{split}_datasets": (
-                DictConfig(plain(getattr(modelpool, f"_{split}_datasets")))
-                if getattr(modelpool, f"_{split}_datasets", None) is not None
-                else None
-            )
-            for split in ("train", "val", "test")
-        }
-        return CLIPVisionModelPool(
-            DictConfig(models),
-            processor=plain(modelpool._processor),
-            platform=getattr(modelpool, "_platform", "hf"),
-            **datasets,
-        )
-
-    def write_outputs(
-        self, out: Path, modelpool, student_pool: CLIPVisionModelPool, report: Dict
-    ) -> Path:
-        """Students (copied from the cache), ``modelpool/<pool_name>.yaml``, report into ``out``."""
-        out = Path(out)
-        (out / "modelpool").mkdir(parents=True, exist_ok=True)
-        models = plain(student_pool._models)
-        for task, record in report["teachers"].items():
-            dst = out / "students" / task
-            if dst.exists():
-                shutil.rmtree(dst)
-            shutil.copytree(record["student_path"], dst)
-            models[task] = str(dst.resolve())
-        pool = {
-            "_target_": "fusion_bench.modelpool.CLIPVisionModelPool",
-            "_recursive_": False,
-            "processor": plain(student_pool._processor),
-            "platform": student_pool._platform,
-            "models": models,
-        }
-        for split in ("train", "val", "test"):
-            cfg = plain(getattr(student_pool, f"_{split}_datasets", None))
-            if cfg:
-                pool[f"{split}_datasets"] = cfg
-        header = (
-            "# FusionBench model pool written by method=statsmerging/distill_to_base\n"
-            "# _pretrained_ and the same-architecture models as in the input pool; every teacher\n"
-            "# of another architecture replaced by its distilled student (a CLIPVisionModel\n"
-            "# in students/).\n"
-            f"# Use: fusion_bench --config-dir {out.resolve()} modelpool={self.pool_name} "
-            "method=<any> taskpool=<...>\n"
-        )
-        (out / "modelpool" / f"{self.pool_name}.yaml").write_text(
-            header + yaml.safe_dump(pool, sort_keys=False)
-        )
-        report = dict(
-            report, modelpool_yaml=str((out / "modelpool" / f"{self.pool_name}.yaml").resolve())
-        )
-        write_report(out, report, getattr(self, "_loss_curves", {}))
-        log.info(f"distill_to_base: students, pool config and report written to {out}")
-        return out

@@ -21,9 +21,11 @@ from typing import Any, Dict, Optional
 from fusion_bench import auto_register_config
 from fusion_bench.modelpool import CLIPVisionModelPool
 
-from statsmerge_plugin.method.statsmerging.statsmerging import StatsMergingForCLIP, fresh_dir
+from statsmerge_plugin.method.statsmerging.outputs import fresh_dir
+from statsmerge_plugin.method.statsmerging.statsmerging import StatsMergingForCLIP
 
-from .distill_to_base import DistillToBaseForCLIP, plain
+from .distill_to_base import DistillToBaseForCLIP
+from .pool_plan import plain
 from .report import write_report
 
 log = logging.getLogger(__name__)

@@ -164,3 +164,15 @@ def images_digest(dataset, rows: Sequence[int], batch_size: int = 256) -> str:
             h.update(len(data).to_bytes(8, "little"))
             h.update(data)
     return h.hexdigest()
+
+
+def read_labels(dataset, indices: List[int]) -> torch.Tensor:
+    """Ground-truth labels of ``dataset[indices]`` (only ever called with ``use_labels``); a Hugging
+    Face dataset's label column is read without decoding its images."""
+    if hasattr(dataset, "select_columns") and "label" in getattr(dataset, "column_names", ()):
+        return torch.tensor(dataset.select_columns(["label"])[list(indices)]["label"])
+    labels = []
+    for i in indices:
+        item = dataset[i]
+        labels.append(int(item["label"] if isinstance(item, dict) else item[1]))
+    return torch.tensor(labels, dtype=torch.long)
