@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     alg, target, feats, learner, optimizer, scheduler, images, teacher = setup(
         args.size, args.tasks, args.batch_size_per_task, args.classes, args.learner
     )
-    objective = alg.distillation()
+    objective = alg.teacher_distillation()
     generator = torch.Generator().manual_seed(0)
 
     def step(one_forward: bool) -> None:

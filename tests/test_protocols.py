@@ -428,8 +428,16 @@ def test_algorithm_pages_document_every_config_key_and_embed_the_config(page, me
     import re
 
     text = (REPO_ROOT / "docs" / "algorithms" / page).read_text()
-    options = set(_compose("fabric_model_fusion", [f"method={method}"]).method) - {"_target_"}
-    documented = re.findall(r"^\| `(\w+)` \| `", text, flags=re.M)
+    from statsmerge_plugin.method.statsmerging.options import FLAT_KEYS
+
+    cfg = OmegaConf.to_container(_compose("fabric_model_fusion", [f"method={method}"]).method)
+    options = set()  # every key, a group's as group.key; not the old flat names (all null)
+    for key, value in cfg.items():
+        if key == "_target_" or (method == "statsmerging" and key in FLAT_KEYS and value is None):
+            continue
+        is_group = method == "statsmerging" and isinstance(value, dict)
+        options |= {f"{key}.{k}" for k in value} if is_group else {key}
+    documented = re.findall(r"^\| `([\w.]+)` \| `", text, flags=re.M)
     assert sorted(documented) == sorted(options)
     (snippet,) = re.findall(r'^--8<-- "(config/method/[^"]+)"$', text, flags=re.M)
     assert (REPO_ROOT / snippet).is_file()

@@ -62,7 +62,9 @@ def test_run_writes_outputs_and_returns_the_merge_of_its_coefficients(
     # the default starts every coefficient at init_scale / K (output_norm none, zero-initialised
     # output layer) and three steps move it
     assert torch.isfinite(coef).all()
-    assert not torch.allclose(coef, torch.full_like(coef, alg.options.coefficients.init_scale / len(tasks)))
+    assert not torch.allclose(
+        coef, torch.full_like(coef, alg.options.coefficients.init_scale / len(tasks))
+    )
     assert_is_the_merge_of(merged, tiny_pool, coef, names)
     rows = list(csv.reader(open(out / "coefficients.csv")))
     assert rows[0] == ["task", *names] and [r[0] for r in rows[1:]] == tasks
@@ -145,7 +147,7 @@ def test_algorithm_gradients_reach_the_learner_only(tiny_pool):
     features = alg.learner_features(target.task_vectors, feats, target.names)
     learner = alg.build_learner(len(tasks), features)
     batches = {t: torch.arange(4) for t in tasks}
-    objective = alg.distillation()
+    objective = alg.teacher_distillation()
     distillation_step(learner, features, target, objective, images, teacher, batches).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.parameters())
     assert all(p.grad is None for p in target.base.parameters())
@@ -405,7 +407,7 @@ def test_one_merged_forward_gives_the_loss_and_gradients_of_one_forward_per_task
     alg, tasks, target, images, feats, teacher = prepared(tiny_pool)
     features = alg.learner_features(target.task_vectors, feats, target.names)
     batches = {t: torch.tensor([3, 0, 5, 1]) for t in tasks}
-    objective = alg.distillation()
+    objective = alg.teacher_distillation()
     results = []
     for one_forward in (True, False):
         torch.manual_seed(0)
@@ -471,7 +473,7 @@ def test_backward_task_by_task_gives_the_gradient_of_one_backward_and_holds_one_
     batches = {t: torch.tensor([3, 0, 5, 1]) for t in tasks}
     start = {t: 0.5 + k for k, t in enumerate(tasks)}
     alg.options.objective.task_weighting = "relative"  # each task's part over its start loss
-    training = alg.training()
+    training = alg.learner_training()
 
     import statsmerge_plugin.method.statsmerging.training as module
 

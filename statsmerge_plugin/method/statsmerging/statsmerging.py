@@ -203,7 +203,7 @@ class StatsMergingForCLIP(
         # --- train the learner (label-free teacher distillation) ----------------------------------
         torch.manual_seed(o.seed)  # the learner's initialisation is identical on every rank
         learner = self.build_learner(len(tasks), learner_features)
-        training = self.training()
+        training = self.learner_training()
         coefficients, losses, report = training.run(
             tasks, target, learner, learner_features, train, held
         )
@@ -252,7 +252,7 @@ class StatsMergingForCLIP(
         return base
 
     # ------------------------------------------------------------------------------------------------
-    def distillation(self) -> TeacherDistillation:
+    def teacher_distillation(self) -> TeacherDistillation:
         """The objective: this run's teachers' labels, its zero-shot heads and loss options."""
         return TeacherDistillation(
             logits=self.compute_logits,
@@ -263,10 +263,10 @@ class StatsMergingForCLIP(
             batch_size=self.options.memory.teacher_batch_size,
         )
 
-    def training(self) -> LearnerTraining:
+    def learner_training(self) -> LearnerTraining:
         """The training loop of this run (Fabric, options, objective, profiler)."""
         return LearnerTraining(
-            self.fabric, self.options, self.distillation(), self.profile, self.is_debug_mode
+            self.fabric, self.options, self.teacher_distillation(), self.profile, self.is_debug_mode
         )
 
     def check_outputs(self) -> None:
