@@ -52,8 +52,7 @@ def inspect_pool(modelpool, overrides: Optional[Dict[str, Any]], guard: TestSpli
     culprit. ``overrides`` are the per-teacher overrides, ``guard`` the test sets never to train on.
 
     Raises:
-        ValueError: no ``_pretrained_`` target, a target that is not a CLIP vision model, no
-          task
+        ValueError: no ``_pretrained_`` target, a target that is not a CLIP vision model, no task
             models, a task without FusionBench class names, a teacher without a usable head or
             processor, a teacher/task class-count mismatch, a teacher without a train split, an
             override for an unknown task.
@@ -73,40 +72,38 @@ def inspect_pool(modelpool, overrides: Optional[Dict[str, Any]], guard: TestSpli
     unknown = sorted(set(overrides) - set(tasks))
     if unknown:
         raise ValueError(f"option `teachers` names tasks that are not in the pool: {unknown}")
-    if True:  # one block: the base model is freed before the task models load
-        base = modelpool.load_pretrained_model()
-        if not is_clip_vision_model(base):
-            raise ValueError(
-                f"`_pretrained_` is a {type(base).__name__}, not a CLIP vision model: the "
-                "target architecture must be a CLIP vision model (its zero-shot heads "
-                "classify the students)"
-            )
-        check_task_classnames(tasks)
-        base_shapes = parameter_shapes(base)
-        plan = PoolPlan(target=f"{type(base).__name__}, {len(base_shapes)} tensors", tasks=tasks)
-        del base
-        for task in tasks:
-            model = modelpool.load_model(task)
-            if same_architecture(base_shapes, parameter_shapes(model)):
-                plan.same_architecture.append(task)
-                if task in overrides:
-                    raise ValueError(
-                        f"option `teachers.{task}`: {task!r} is not a teacher "
-                        "(same architecture)"
-                    )
-                continue
-            classnames, templates = get_classnames_and_templates(task)
-            plan.teachers[task] = build_teacher(
-                task,
-                model,
-                classnames,
-                templates,
-                override=overrides.get(task),
-                config=plain(modelpool.get_model_config(task)),
-            )
-            # a train split, and none of the model pool's or task pool's test sets
-            resolve_held_out_source(modelpool, task, "train", guard)
-            log.info(f"task {task!r}: teacher ({plan.teachers[task].kind}, {type(model).__name__})")
+    base = modelpool.load_pretrained_model()
+    if not is_clip_vision_model(base):
+        raise ValueError(
+            f"`_pretrained_` is a {type(base).__name__}, not a CLIP vision model: the "
+            "target architecture must be a CLIP vision model (its zero-shot heads "
+            "classify the students)"
+        )
+    check_task_classnames(tasks)
+    base_shapes = parameter_shapes(base)
+    plan = PoolPlan(target=f"{type(base).__name__}, {len(base_shapes)} tensors", tasks=tasks)
+    del base
+    for task in tasks:
+        model = modelpool.load_model(task)
+        if same_architecture(base_shapes, parameter_shapes(model)):
+            plan.same_architecture.append(task)
+            if task in overrides:
+                raise ValueError(
+                    f"option `teachers.{task}`: {task!r} is not a teacher " "(same architecture)"
+                )
+            continue
+        classnames, templates = get_classnames_and_templates(task)
+        plan.teachers[task] = build_teacher(
+            task,
+            model,
+            classnames,
+            templates,
+            override=overrides.get(task),
+            config=plain(modelpool.get_model_config(task)),
+        )
+        # a train split, and none of the model pool's or task pool's test sets
+        resolve_held_out_source(modelpool, task, "train", guard)
+        log.info(f"task {task!r}: teacher ({plan.teachers[task].kind}, {type(model).__name__})")
     return plan
 
 
