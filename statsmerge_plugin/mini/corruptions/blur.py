@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .pixels import ImageLike, _to_uint8, as_rgb_array, check_severity
+from .pixels import ImageLike, as_rgb_array, check_severity, to_uint8
 
 
 def motion_kernel(radius: int, sigma: float, angle_degrees: float):
@@ -34,4 +34,4 @@ def motion_blur(image: ImageLike, severity: int, rng: np.random.Generator) -> np
     for weight, ox, oy in zip(weights, dx, dy):
         shifted = x[np.clip(rows + oy, 0, h - 1)][:, np.clip(cols + ox, 0, w - 1)]
         out += weight * shifted
-    return _to_uint8(out / 255.0)
+    return to_uint8(out / 255.0)

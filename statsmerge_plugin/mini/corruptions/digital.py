@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from .pixels import ImageLike, _to_uint8, as_rgb_array, check_severity
+from .pixels import ImageLike, as_rgb_array, check_severity, to_uint8
 
 
 def pixelate(image: ImageLike, severity: int, rng: Optional[np.random.Generator] = None):
@@ -25,7 +25,7 @@ def contrast(image: ImageLike, severity: int, rng: Optional[np.random.Generator]
     c = [0.75, 0.5, 0.4, 0.3, 0.15][check_severity(severity) - 1]
     x = as_rgb_array(image) / 255.0
     means = x.mean(axis=(0, 1), keepdims=True)
-    return _to_uint8((x - means) * c + means)
+    return to_uint8((x - means) * c + means)
 
 
 def jpeg_compression(image: ImageLike, severity: int, rng: Optional[np.random.Generator] = None):

@@ -40,19 +40,19 @@ def as_rgb_array(image: ImageLike) -> np.ndarray:
     return array
 
 
-def _to_uint8(x01: np.ndarray) -> np.ndarray:
+def to_uint8(x01: np.ndarray) -> np.ndarray:
     """[0, 1] floats to uint8, truncating like CIFAR-10-C's ``np.uint8(corruption(x))``."""
     return (np.clip(x01, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _gaussian(x: np.ndarray, sigma: float) -> np.ndarray:
+def gaussian_filter(x: np.ndarray, sigma: float) -> np.ndarray:
     """scikit-image's ``filters.gaussian`` defaults (mode "nearest", truncate 4)."""
     from scipy import ndimage
 
     return ndimage.gaussian_filter(x, sigma=sigma, mode="nearest", truncate=4.0)
 
 
-def _box3(x: np.ndarray) -> np.ndarray:
+def box3(x: np.ndarray) -> np.ndarray:
     """OpenCV's ``blur(x, (3, 3))`` (border reflect-101 = scipy's "mirror")."""
     from scipy import ndimage
 

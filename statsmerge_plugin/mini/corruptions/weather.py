@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .pixels import ImageLike, _box3, _gaussian, _to_uint8, as_rgb_array, check_severity
+from .pixels import ImageLike, as_rgb_array, box3, check_severity, gaussian_filter, to_uint8
 
 
 def canny(gray: np.ndarray, low: float = 50, high: float = 150) -> np.ndarray:
@@ -65,7 +65,7 @@ def spatter(image: ImageLike, severity: int, rng: np.random.Generator) -> np.nda
     from scipy import ndimage
 
     x = as_rgb_array(image).astype(np.float64) / 255.0
-    liquid = _gaussian(rng.normal(size=x.shape[:2], loc=loc, scale=scale), sigma)
+    liquid = gaussian_filter(rng.normal(size=x.shape[:2], loc=loc, scale=scale), sigma)
     liquid[liquid < threshold] = 0
     if not mud:
         liquid_u8 = np.clip(liquid * 255, 0, 255).astype(np.uint8)
@@ -75,18 +75,18 @@ def spatter(image: ImageLike, severity: int, rng: np.random.Generator) -> np.nda
         else:
             dist = np.full(liquid.shape, 20.0)
         dist = np.minimum(dist, 20.0)
-        dist = equalize_hist(_box3(dist).astype(np.uint8))
+        dist = equalize_hist(box3(dist).astype(np.uint8))
         emboss = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], dtype=np.float64)
         dist = np.clip(
             np.rint(ndimage.correlate(dist.astype(np.float64), emboss, mode="mirror")), 0, 255
         )
-        dist = _box3(dist)
+        dist = box3(dist)
         m = liquid_u8.astype(np.float64) * dist
         peak = m.max()
         m = (m / peak if peak > 0 else m) * intensity
         color = np.array([175, 238, 238], dtype=np.float64) / 255.0  # pale turquoise
-        return _to_uint8(x + m[..., None] * color)
-    m = _gaussian((liquid > threshold).astype(np.float64), intensity)
+        return to_uint8(x + m[..., None] * color)
+    m = gaussian_filter((liquid > threshold).astype(np.float64), intensity)
     m[m < 0.8] = 0
     color = np.array([63, 42, 20], dtype=np.float64) / 255.0  # mud brown
-    return _to_uint8(x * (1 - m[..., None]) + color * m[..., None])
+    return to_uint8(x * (1 - m[..., None]) + color * m[..., None])

@@ -9,7 +9,7 @@ from typing import Tuple
 import numpy as np
 from PIL import Image
 
-from .drawing import CANVAS, _canvas, _finish, _font, _rotate, _text
+from .drawing import CANVAS, draw_text, finish, load_font, new_canvas, rotate
 from .spec import TaskSpec
 
 DIGIT_CLASSES = tuple(str(i) for i in range(10))
@@ -25,15 +25,15 @@ def draw_house_number(rng: np.random.Generator, label: int) -> Image.Image:
     bg = rng.integers(150, 256, 3) if dark else rng.integers(0, 100, 3)
     fg = rng.integers(0, 70, 3) if dark else rng.integers(180, 256, 3)
     bg, fg = tuple(int(c) for c in bg), tuple(int(c) for c in fg)
-    img, d = _canvas(bg)
-    font = _font(DIGIT_FONTS[int(rng.integers(len(DIGIT_FONTS)))], int(rng.uniform(40, 48)))
+    img, d = new_canvas(bg)
+    font = load_font(DIGIT_FONTS[int(rng.integers(len(DIGIT_FONTS)))], int(rng.uniform(40, 48)))
     x, y = 32 + rng.uniform(-2, 2), 32 + rng.uniform(-2, 2)
     for dx in (-40, 40):  # partial neighbouring digits at the edges
         if rng.random() < 0.3:
-            _text(d, (x + dx, y), str(int(rng.integers(10))), font, fg)
-    _text(d, (x, y), str(label), font, fg)
-    img = _rotate(img, rng.uniform(-5, 5), bg)
-    return _finish(img, rng)
+            draw_text(d, (x + dx, y), str(int(rng.integers(10))), font, fg)
+    draw_text(d, (x, y), str(label), font, fg)
+    img = rotate(img, rng.uniform(-5, 5), bg)
+    return finish(img, rng)
 
 
 @functools.lru_cache(maxsize=1)
@@ -62,7 +62,7 @@ def draw_handwritten(rng: np.random.Generator, label: int, part: str = "train") 
     glyph = glyph.rotate(rng.uniform(-12, 12), resample=Image.BILINEAR)
     img = Image.new("L", (CANVAS, CANVAS), 0)
     img.paste(glyph, (8 + int(rng.integers(-3, 4)), 8 + int(rng.integers(-3, 4))))
-    return _finish(img.convert("RGB"), rng, noise=4.0)
+    return finish(img.convert("RGB"), rng, noise=4.0)
 
 
 SPECS = {

@@ -14,17 +14,17 @@ SIZE = 32
 CANVAS = 64
 
 
-def _canvas(color) -> Tuple[Image.Image, ImageDraw.ImageDraw]:
+def new_canvas(color) -> Tuple[Image.Image, ImageDraw.ImageDraw]:
     img = Image.new("RGB", (CANVAS, CANVAS), tuple(int(c) for c in color))
     return img, ImageDraw.Draw(img)
 
 
-def _jit(rng: np.random.Generator, color, amount: float = 25.0) -> Tuple[int, int, int]:
+def jitter_color(rng: np.random.Generator, color, amount: float = 25.0) -> Tuple[int, int, int]:
     c = np.asarray(color, dtype=float) + rng.normal(0, amount, 3)
     return tuple(int(v) for v in np.clip(c, 0, 255))
 
 
-def _finish(img: Image.Image, rng: np.random.Generator, noise: float = 6.0) -> Image.Image:
+def finish(img: Image.Image, rng: np.random.Generator, noise: float = 6.0) -> Image.Image:
     """Downsample to 32x32, jitter brightness and add mild pixel noise."""
     small = img.resize((SIZE, SIZE), Image.LANCZOS)
     arr = np.asarray(small, dtype=np.float32)
@@ -32,12 +32,12 @@ def _finish(img: Image.Image, rng: np.random.Generator, noise: float = 6.0) -> I
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def _rotate(img: Image.Image, angle: float, fill) -> Image.Image:
+def rotate(img: Image.Image, angle: float, fill) -> Image.Image:
     return img.rotate(angle, resample=Image.BILINEAR, fillcolor=tuple(int(c) for c in fill))
 
 
 @functools.lru_cache(maxsize=None)
-def _font(name: str, size: int) -> ImageFont.FreeTypeFont:
+def load_font(name: str, size: int) -> ImageFont.FreeTypeFont:
     import matplotlib
 
     path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name
@@ -58,5 +58,5 @@ FONTS = (
 )
 
 
-def _text(draw, xy, s: str, font, fill) -> None:
+def draw_text(draw, xy, s: str, font, fill) -> None:
     draw.text(xy, s, font=font, fill=fill, anchor="mm")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from .drawing import CANVAS, _canvas, _finish, _font, _jit, _rotate, _text
+from .drawing import CANVAS, draw_text, finish, jitter_color, load_font, new_canvas, rotate
 from .spec import TaskSpec
 
 GTSRB_CLASSES = (
@@ -44,11 +44,13 @@ def _arrow(d, label: int) -> None:
 
 
 def draw_sign(rng: np.random.Generator, label: int) -> Image.Image:
-    bg = _jit(rng, (120, 130, 120), 45)
-    img, d = _canvas(bg)
+    bg = jitter_color(rng, (120, 130, 120), 45)
+    img, d = new_canvas(bg)
     for _ in range(3):  # clutter
         x, y = rng.uniform(0, 64, 2)
-        d.rectangle([x, y, x + rng.uniform(4, 20), y + rng.uniform(4, 20)], fill=_jit(rng, bg, 40))
+        d.rectangle(
+            [x, y, x + rng.uniform(4, 20), y + rng.uniform(4, 20)], fill=jitter_color(rng, bg, 40)
+        )
     box = [6, 6, 58, 58]
     if label in (0, 1, 2):
         d.ellipse(box, fill=RED)
@@ -56,8 +58,12 @@ def draw_sign(rng: np.random.Generator, label: int) -> Image.Image:
             d.rectangle([14, 27, 50, 37], fill=WHITE)
         else:
             d.ellipse([13, 13, 51, 51], fill=WHITE)
-            _text(
-                d, (32, 33), "30" if label == 0 else "60", _font("DejaVuSans-Bold.ttf", 22), BLACK
+            draw_text(
+                d,
+                (32, 33),
+                "30" if label == 0 else "60",
+                load_font("DejaVuSans-Bold.ttf", 22),
+                BLACK,
             )
     elif label == 3:
         pts = [
@@ -68,25 +74,25 @@ def draw_sign(rng: np.random.Generator, label: int) -> Image.Image:
             for k in range(8)
         ]
         d.polygon(pts, fill=RED)
-        _text(d, (32, 33), "STOP", _font("DejaVuSans-Bold.ttf", 13), WHITE)
+        draw_text(d, (32, 33), "STOP", load_font("DejaVuSans-Bold.ttf", 13), WHITE)
     elif label == 4:
         d.polygon([(4, 8), (60, 8), (32, 58)], fill=RED)
         d.polygon([(14, 14), (50, 14), (32, 46)], fill=WHITE)
     elif label == 5:
         d.polygon([(4, 56), (60, 56), (32, 6)], fill=RED)
         d.polygon([(14, 50), (50, 50), (32, 18)], fill=WHITE)
-        _text(d, (32, 39), "!", _font("DejaVuSans-Bold.ttf", 20), BLACK)
+        draw_text(d, (32, 39), "!", load_font("DejaVuSans-Bold.ttf", 20), BLACK)
     elif label in (6, 7, 8):
         d.ellipse(box, fill=BLUE)
         _arrow(d, label)
     else:
         d.polygon([(32, 2), (62, 32), (32, 62), (2, 32)], fill=WHITE)
         d.polygon([(32, 12), (52, 32), (32, 52), (12, 32)], fill=YELLOW)
-    img = _rotate(img, rng.uniform(-8, 8), bg)
+    img = rotate(img, rng.uniform(-8, 8), bg)
     s = rng.uniform(0.85, 1.0)  # scale jitter by cropping
     m = (1 - s) * CANVAS / 2
     img = img.crop((m, m, CANVAS - m, CANVAS - m))
-    return _finish(img, rng)
+    return finish(img, rng)
 
 
 SPECS = {

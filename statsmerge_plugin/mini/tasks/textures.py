@@ -7,7 +7,7 @@ import math
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .drawing import CANVAS, _canvas, _finish, _rotate
+from .drawing import CANVAS, finish, new_canvas, rotate
 from .spec import TaskSpec
 
 DTD_CLASSES = (
@@ -27,7 +27,7 @@ DTD_CLASSES = (
 def draw_texture(rng: np.random.Generator, label: int) -> Image.Image:
     bg = tuple(int(c) for c in rng.integers(0, 256, 3))
     fg = tuple(int((c + rng.integers(90, 166)) % 256) for c in bg)
-    img, d = _canvas(bg)
+    img, d = new_canvas(bg)
     p = int(rng.integers(10, 14))
     if label == 0:
         for y in range(0, CANVAS * 2, 2 * p):
@@ -74,8 +74,8 @@ def draw_texture(rng: np.random.Generator, label: int) -> Image.Image:
                     for k in range(6)
                 ]
                 d.polygon(pts, outline=fg, width=2)
-    img = _rotate(img, rng.uniform(0, 180) if label not in (2, 3, 9) else rng.uniform(-20, 20), bg)
-    return _finish(img, rng)
+    img = rotate(img, rng.uniform(0, 180) if label not in (2, 3, 9) else rng.uniform(-20, 20), bg)
+    return finish(img, rng)
 
 
 SPECS = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .drawing import CANVAS, _canvas, _finish, _jit
+from .drawing import CANVAS, finish, jitter_color, new_canvas
 from .spec import TaskSpec
 
 CAR_CLASSES = (
@@ -37,8 +37,8 @@ _CAR_SHAPES = {
 
 
 def draw_car(rng: np.random.Generator, label: int) -> Image.Image:
-    img, d = _canvas(_jit(rng, (170, 175, 180), 30))
-    d.rectangle([0, 52, CANVAS, CANVAS], fill=_jit(rng, (70, 70, 75), 10))
+    img, d = new_canvas(jitter_color(rng, (170, 175, 180), 30))
+    d.rectangle([0, 52, CANVAS, CANVAS], fill=jitter_color(rng, (70, 70, 75), 10))
     length, height, c0, c1, ch, slope = _CAR_SHAPES[label]
     length *= rng.uniform(0.93, 1.07)
     height, ch = 1.5 * height, 1.5 * ch
@@ -68,7 +68,7 @@ def draw_car(rng: np.random.Generator, label: int) -> Image.Image:
         d.ellipse([wx - r, y1 - r + 1, wx + r, y1 + r + 1], fill=(20, 20, 20))
     if rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return _finish(img, rng)
+    return finish(img, rng)
 
 
 SPECS = {
