@@ -522,3 +522,92 @@ def test_one_forward_of_all_tasks_equals_one_forward_per_task():
     torch.testing.assert_close(loss1, loss2)
     for g1, g2 in zip(grads1, grads2):
         torch.testing.assert_close(g1, g2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the training loop on plain inputs (method/statsmerging/training.py): no model pool, no CLIP
+
+
+def toy_training(task_weighting: str = "sum", mode: str = "none", steps: int = 60):
+    """A linear "encoder" theta_0 = 0 with one task vector per task; task k's teacher is the model
+    with task vector k alone, so the loss falls as lambda_k grows towards 1."""
+    from lightning.fabric import Fabric
+
+    from statsmerge_plugin.method.statsmerging.learner import StatsMergeLearner
+    from statsmerge_plugin.method.statsmerging.merge import TaskVectorMerge
+    from statsmerge_plugin.method.statsmerging.options import nest_flat_options, resolve_options
+    from statsmerge_plugin.method.statsmerging.training import LearnerTraining, TeacherDistillation
+
+    torch.manual_seed(0)
+    tasks, dim, classes = ["a", "b"], 6, 4
+    base = torch.nn.Linear(dim, classes, bias=False).requires_grad_(False)
+    base.weight.zero_()
+    vectors = {"weight": torch.randn(len(tasks), classes, dim)}
+    target = TaskVectorMerge(base, {"weight": base.weight}, vectors)
+    images = {t: torch.randn(16, dim) for t in tasks}
+    teacher = {t: images[t] @ vectors["weight"][k].T for k, t in enumerate(tasks)}
+    groups = nest_flat_options(
+        dict(
+            lr=0.05,
+            init_scale=0.6,
+            task_weighting=task_weighting,
+            selection=mode,
+            eval_every=10,
+        )
+    )
+    top = {"learner": "free", "max_steps": steps, "batch_size_per_task": 4}
+    options = resolve_options(top, groups, {})  # validated, as the algorithm's
+    objective = TeacherDistillation(
+        logits=lambda model, x, t: model(x),
+        embeds=lambda model, x: model(x),
+        head=lambda t, embeds: embeds,
+        to_device=lambda x: x,
+        options=options.objective,
+    )
+    fabric = Fabric(accelerator="cpu", devices=1)
+    fabric.launch()
+    learner = StatsMergeLearner(len(tasks), 1, 1, mode="free", output_norm="none", init_scale=0.6)
+    training = LearnerTraining(fabric, options, objective)
+    held = (images, teacher) if mode != "none" else None
+    return training.run(tasks, target, learner, torch.zeros(1, 1), (images, teacher), held)
+
+
+@pytest.mark.parametrize("task_weighting", ["sum", "relative"])
+def test_training_loop_runs_on_plain_inputs_and_lowers_the_objective(task_weighting):
+    coefficients, losses, report = toy_training(task_weighting)
+    assert len(losses) == 60 and all(np.isfinite(losses))
+    start, end = report["training_loss_per_task"]["start"], report["training_loss_per_task"]["end"]
+    weight = {t: 1 / start[t] if task_weighting == "relative" else 1.0 for t in start}
+    assert sum(weight[t] * end[t] for t in end) < sum(weight[t] * start[t] for t in start)
+    assert coefficients.shape == (2, 1)
+    assert coefficients.sum() > 0.6  # from 0.3 each (0.6 / K) towards the teachers' 1
+    assert report["optimiser"]["lr"] == 0.05 and report["selection"] is None
+
+
+def test_training_loop_selects_on_the_held_out_images():
+    coefficients, losses, report = toy_training(mode="best", steps=30)
+    selection = report["selection"]
+    assert selection["mode"] == "best" and [h["step"] for h in selection["history"]] == [
+        0,
+        10,
+        20,
+        30,
+    ]
+    best = max(selection["history"], key=lambda h: h["metric"])
+    assert selection["selected_step"] == best["step"]
+
+
+def test_backward_groups_follow_the_activation_budget():
+    from statsmerge_plugin.method.statsmerging.training import (
+        ACTIVATION_BUDGET_BYTES,
+        LearnerTraining,
+    )
+
+    training = LearnerTraining(None, None, None)
+    tasks = ["a", "b", "c", "d"]
+    batches = {t: torch.arange(4) for t in tasks}
+    assert training.backward_group(tasks, batches) == ["a"]  # not measured yet: one task
+    training.activation_bytes_per_image = ACTIVATION_BUDGET_BYTES / 8  # two tasks' images fit
+    assert training.backward_group(tasks, batches) == ["a", "b"]
+    training.activation_bytes_per_image = 0.0
+    assert training.backward_group(tasks, batches) == tasks
