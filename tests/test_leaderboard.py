@@ -57,6 +57,7 @@ def test_leaderboard_runs_methods_reports_failures_and_writes_md_json_png(tiny_c
         assert set(rows[m]["accuracy"]) == {"mnist", "eurosat"}
         assert rows[m]["wall_time_s"] > 0 and rows[m]["peak_rss_mb"] > 50
     assert rows["individual"]["normalized"] == pytest.approx(1.0)
+    assert summary["build"] is None  # a pool that is no mini build: nothing to name
     # individual = each task's own fine-tuned model, evaluated on its own task only
     individual_runs = sorted((tmp_path / "docs" / "leaderboard_runs").glob("individual_*_seed0"))
     assert [p.name for p in individual_runs] == [

@@ -24,6 +24,7 @@ from statsmerge_plugin.mini import tokenizer as mini_tok
 from statsmerge_plugin.mini.build import build_mini_benchmark, ensure_built, read_manifest
 from statsmerge_plugin.mini.data import load_split
 from statsmerge_plugin.mini.recipe import build_key, get_recipe
+from statsmerge_plugin.mini.store import build_digests
 from statsmerge_plugin.mini.tasks import TASK_NAMES, caption_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +98,9 @@ def test_build_is_deterministic_reused_and_rebuilt_on_changes(tmp_path):
         sa, sb = load_split(pa / "data" / one[0] / split), load_split(pb / "data" / one[0] / split)
         assert np.array_equal(sa.images, sb.images) and np.array_equal(sa.labels, sb.labels)
     assert a["test_accuracy"] == b["test_accuracy"]
+    # the manifest records the digests of the weights and data it holds: equal for the two builds
+    assert a["digests"] == b["digests"] == build_digests(pa) == build_digests(pb)
+    assert set(a["digests"]) == {"pretrained", "models", "data"}
 
     stamp = (pa / "manifest.json").stat().st_mtime_ns
     again = build_mini_benchmark(root=tmp_path / "a", preset="smoke", tasks=one, progress=False)

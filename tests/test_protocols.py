@@ -28,6 +28,7 @@ from statsmerge_plugin.leaderboard import (
 )
 from statsmerge_plugin.mini import corruptions as C
 from statsmerge_plugin.mini.data import load_split
+from statsmerge_plugin.mini.store import build_digests
 
 ROBUST = ["mini_stanford_cars", "mini_eurosat", "mini_resisc45", "mini_gtsrb"]
 RANDOM = ("motion_blur", "impulse_noise", "gaussian_noise", "spatter")
@@ -285,6 +286,14 @@ def test_clean_vs_corrupted_accuracy_on_the_mini_robustness_task_pool(
     corrupted = [row["accuracy"][t] for t in summary["groups"]["corrupted"]]
     assert row["group_average"]["corrupted"] == pytest.approx(np.mean(corrupted))
     assert "| Method | Clean | Motion blur |" in md and "Corrupted (mean) |" in md
+    # the JSON and the table name the build they ran on, with the digests of its weights and data
+    build = summary["build"]
+    assert build["path"] == str(smoke.resolve()) and build["key"] == smoke.name
+    assert build["digests"] == build_digests(smoke) and build["digests_recorded"]
+    assert (
+        f"Build: `{smoke.name}` (sha256 of its pretrained `{build['digests']['pretrained'][:12]}`"
+        in md
+    )
     # the task pool generated the 28 corrupted splits inside the build, at severity 1
     made = sorted((smoke / "corrupted" / f"v{C.CORRUPTED_VERSION}" / "s1").glob("*/*/test"))
     assert {(p.parts[-3], p.parts[-2]) for p in made} >= {

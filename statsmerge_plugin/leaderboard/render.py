@@ -40,6 +40,10 @@ def markdown(summary: dict, command: str, header: str = "") -> str:
     if summary.get("groups"):
         lines += ["", group_markdown(summary)]
     lines += ["", f"Command: `{command}`", ""]
+    build = summary.get("build")
+    if build:
+        digests = ", ".join(f"{part} `{d[:12]}`" for part, d in build["digests"].items())
+        lines += [f"Build: `{build['key']}` (sha256 of its {digests})", ""]
     return "\n".join(lines)
 
 

@@ -258,4 +258,51 @@ class Leaderboard:
                     flush=True,
                 )
                 results.append(r)
-        return summarize(results, tasks, self.args.methods, model_names)
+        summary = summarize(results, tasks, self.args.methods, model_names)
+        summary["build"] = self.build_record()
+        return summary
+
+    def build_record(self) -> Optional[dict]:
+        """The mini build the model pool's ``_pretrained_`` lives in (``None`` for a pool that is
+        not one, e.g. FusionBench's hub models): key, path and the digests of its weights and data,
+        as its manifest recorded them at build time, else computed now (builds made before
+        digests were recorded)."""
+        cmd = fusion_bench_command(
+            self.args.python, [*self.common, "--cfg", "job", "--resolve"], self.args.config_dir
+        )
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            cwd=self.args.cwd,
+            env=os.environ | {"HF_HUB_OFFLINE": "1"},
+        )
+        if proc.returncode != 0:
+            return None
+        from omegaconf import OmegaConf
+
+        job = OmegaConf.create(proc.stdout)
+        entry = OmegaConf.select(job, "modelpool.models._pretrained_")
+        if OmegaConf.is_config(entry):
+            entry = entry.get("pretrained_model_name_or_path")
+        return mini_build_record(entry)
+
+
+def mini_build_record(path) -> Optional[dict]:
+    """``{"key", "path", "digests", "digests_recorded"}`` of the mini build holding ``path`` (its
+    nearest ancestor with a complete manifest), else ``None``."""
+    from statsmerge_plugin.mini.store import build_digests, read_manifest
+
+    if not isinstance(path, str) or not Path(path).exists():
+        return None
+    for directory in [Path(path).resolve(), *Path(path).resolve().parents]:
+        manifest = read_manifest(directory)
+        if manifest is not None:
+            recorded = manifest.get("digests")
+            return {
+                "key": manifest.get("key", directory.name),
+                "path": str(directory),
+                "digests": recorded or build_digests(directory),
+                "digests_recorded": recorded is not None,
+            }
+    return None

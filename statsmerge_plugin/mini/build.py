@@ -25,7 +25,7 @@ from typing import Dict, Optional, Sequence, Union
 
 from .recipe import RECIPE_VERSION, Recipe, build_key, get_recipe, library_versions, pretrain_key
 from .store import read_manifest  # noqa: F401 (part of this module's API: tests, callers)
-from .store import cached_build, check_root, default_root, file_lock, torch_threads
+from .store import build_digests, cached_build, check_root, default_root, file_lock, torch_threads
 from .tasks import TASK_NAMES
 
 
@@ -145,6 +145,7 @@ def build_into(
         "finetune_train_accuracy": train_acc,
         "finetune_val_accuracy": val_acc,
     }
+    manifest["digests"] = build_digests(out)  # of the weights and data just written
     if recipe.evaluate:
         from .evaluate import evaluate_build
 

@@ -1,6 +1,7 @@
 """Where mini builds live, and how they are published: the cache root, the manifest that marks a
 complete build, an ``fcntl`` lock per key, the atomic install of a finished build
-(:func:`cached_build` is the whole flow), and a scoped torch thread count. Shared by the mini-TA8 builder, its derived corrupted splits and the language
+(:func:`cached_build` is the whole flow), the digests of what a build holds (:func:`build_digests`:
+same key, same digests), and a scoped torch thread count. Shared by the mini-TA8 builder, its derived corrupted splits and the language
 miniature (:mod:`statsmerge_plugin.mini_lm`); imports nothing else of the package.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -112,3 +114,22 @@ def cached_build(
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return dict(manifest, path=str(target))
+
+
+#: the parts of a build whose bytes its digests cover (weights and data; not the manifest)
+BUILD_PARTS = ("pretrained", "models", "data")
+
+
+def tree_digest(path: Path) -> str:
+    """SHA-256 over the relative paths and bytes of every file under ``path`` (sorted)."""
+    h = hashlib.sha256()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        h.update(str(file.relative_to(path)).encode())
+        h.update(file.read_bytes())
+    return h.hexdigest()
+
+
+def build_digests(build: Path, parts=BUILD_PARTS) -> dict:
+    """``{part: tree_digest(build/part)}`` for the weights and data of a build: two builds with the
+    same key hold the same bytes exactly when these agree."""
+    return {part: tree_digest(Path(build) / part) for part in parts}

@@ -18,13 +18,13 @@ with the helpers of the mini-TA8 builder.
 from __future__ import annotations
 
 import copy
-import hashlib
 import random
 import time
 from pathlib import Path
 from typing import Dict, Optional, Union
 
-from ..mini.store import (  # the mini-TA8 builds' cache, lock and atomic install
+from ..mini.store import (  # the mini-TA8 builds' cache, lock, atomic install and digests
+    build_digests,
     cached_build,
     check_root,
     default_root,
@@ -35,15 +35,6 @@ from .skills import SKILLS, draw_splits, pretraining_text
 from .train import build_tokenizer, encode, exact_match, model_config, train
 
 SPLITS = ("train", "val", "test")
-
-
-def tree_digest(path: Path) -> str:
-    """SHA-256 over the relative paths and bytes of every file under ``path`` (sorted)."""
-    h = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        h.update(str(file.relative_to(path)).encode())
-        h.update(file.read_bytes())
-    return h.hexdigest()
 
 
 def _save_splits(directory: Path, splits: Dict[str, list]) -> None:
@@ -155,7 +146,7 @@ def build_into(target: Path, recipe: Recipe, seed: int, progress: bool = True) -
         "exact_match": scores,
         "final_loss": losses,
         "timings_s": timings,
-        "digests": {part: tree_digest(target / part) for part in ("pretrained", "models", "data")},
+        "digests": build_digests(target),
     }
 
 
