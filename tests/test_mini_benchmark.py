@@ -420,7 +420,7 @@ def test_shape_checks_state_the_real_benchmarks_ordering():
 
 
 def test_recipe_loop_measures_a_variant_on_val_and_logs_it(tmp_path):
-    from statsmerge_plugin.mini.shape import format_variants, run_variant
+    from statsmerge_plugin.mini.shape import format_variants, run_variant, shape_checks
 
     log = tmp_path / "variants.jsonl"
     record = run_variant(
@@ -431,6 +431,7 @@ def test_recipe_loop_measures_a_variant_on_val_and_logs_it(tmp_path):
         log=log,
         name="tiny",
         progress=False,
+        free_control_steps=2,
     )
     rows = record["rows"]
     assert record["split"] == "val" and record["overrides"] == {"ft_steps": 4}
@@ -444,6 +445,34 @@ def test_recipe_loop_measures_a_variant_on_val_and_logs_it(tmp_path):
     assert len(lines) == 1 and json.loads(lines[0])["key"] == record["key"]
     table = format_variants([json.loads(lines[0])])
     assert "| tiny | ft_steps=4 | 0 |" in table
+    # the r3 diagnostics: AdaMerging's confident vs unsure half per task, the free control's range
+    confidence = record["diagnostics"]["adamerging_confidence"]
+    assert set(confidence) == set(TASK_NAMES)
+    for c in confidence.values():
+        assert 0 <= c["unsure"] <= 1 and c["gap"] == pytest.approx(
+            c["confident"] - c["unsure"], abs=1e-4
+        )
+    free = record["diagnostics"]["free_control_coefficients"]
+    assert 0 < free["fraction_within"] <= 1 and free["max_abs"] > 0
+    names = [name for name, _, _ in shape_checks(record["rows"], record["diagnostics"])]
+    assert names[-2].startswith("AdaMerging's confident half") and names[-1].startswith("free")
+    gap = min(c["gap"] for c in confidence.values())
+    assert f"| {100 * gap:+.1f} | {100 * free['fraction_within']:.0f} %," in table
+
+
+def test_confidence_halves_and_coefficient_range():
+    from statsmerge_plugin.mini.diagnostics import coefficient_range, confidence_halves
+
+    # four images: the two most confident are right, the two least confident wrong
+    logits = torch.tensor([[9.0, 0.0], [0.0, 5.0], [0.2, 0.0], [0.0, 0.1]])
+    labels = torch.tensor([0, 1, 1, 0])
+    assert confidence_halves(logits, labels) == {"confident": 1.0, "unsure": 0.0, "gap": 1.0}
+    # confidence that means nothing: right and wrong alike in both halves
+    assert confidence_halves(logits, torch.tensor([0, 0, 0, 0]))["gap"] == 0.0
+    with pytest.raises(ValueError, match="expected logits"):
+        confidence_halves(logits, labels[:3])
+    c = torch.tensor([[0.3, 1.5, -0.5], [2.0, -3.0, 0.0]])
+    assert coefficient_range(c) == {"fraction_within": 0.6667, "max_abs": 3.0}
 
 
 def test_build_command_honours_the_resolvers_seed_and_preset_variables(tmp_path):

@@ -63,6 +63,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="layer-wise AdaMerging steps on the val images (FusionBench's 1000; 0 skips it)",
     )
     shape.add_argument(
+        "--free-control-steps",
+        type=int,
+        default=500,
+        help="steps of the free-coefficient control whose coefficient range is reported (0 skips)",
+    )
+    shape.add_argument(
         "--split",
         default="val",
         choices=["val", "test"],
@@ -124,6 +130,7 @@ def shape_main(args: argparse.Namespace) -> int:
         root=args.root,
         preset=args.preset,
         adamerging_steps=args.adamerging_steps,
+        free_control_steps=args.free_control_steps,
         log=args.log,
         name=args.name,
         progress=not args.quiet,

@@ -22,6 +22,12 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .diagnostics import (
+    COEFFICIENT_RANGE,
+    coefficient_range,
+    free_control_coefficients,
+    merged_model_confidence,
+)
 from .evaluate import accuracies, modelpool, taskpool
 from .recipe import Recipe
 from .registry import register_tasks
@@ -30,6 +36,12 @@ TA_GRID = (0.1, 0.2, 0.3)
 # FusionBench's method defaults (fusion_bench_config/method/{ties_merging,adamerging/clip}.yaml)
 TIES = {"scaling_factor": 0.3, "threshold": 20, "remove_keys": [], "merge_func": "sum"}
 ADAMERGING_STEPS = 1000
+#: steps of the free-coefficient control (the leaderboard's statsmerging_free: 500)
+FREE_CONTROL_STEPS = 500
+#: diagnostic targets: AdaMerging's confident half this much more accurate than its unsure half on
+#: every task; this fraction of the free control's coefficients within COEFFICIENT_RANGE
+CONFIDENCE_GAP = 0.10
+WITHIN_RANGE = 0.90
 
 
 def parse_overrides(items: Sequence[str], base: Recipe) -> Dict[str, object]:
@@ -102,8 +114,11 @@ def measure_shape(
     split: str = "val",
     adamerging_steps: int = ADAMERGING_STEPS,
     progress=functools.partial(print, flush=True),
+    free_control_steps: int = FREE_CONTROL_STEPS,
 ) -> Dict[str, object]:
-    """Accuracies on ``split`` of every reference row, and the single-task-vector diagnostic."""
+    """Accuracies on ``split`` of every reference row, the single-task-vector diagnostic and
+    (:mod:`.diagnostics`) the confident-half vs unsure-half accuracy of AdaMerging's merged model
+    and the range of the free-coefficient control's coefficients (trained on val; 0 steps skip)."""
     from fusion_bench.method import (
         SimpleAverageAlgorithm,
         TaskArithmeticAlgorithm,
@@ -151,16 +166,39 @@ def measure_shape(
         done(f"task_arithmetic_{lam}")
     rows["ties"] = _row(evaluate(TiesMergingAlgorithm(**TIES).run(pool)))
     done("ties")
+    diagnostics: Dict[str, object] = {}
     if adamerging_steps > 0:
         t = time.perf_counter()
-        rows["adamerging"] = _row(evaluate(adamerging(root, tasks, split, adamerging_steps)))
+        merged = adamerging(root, tasks, split, adamerging_steps)
+        rows["adamerging"] = _row(evaluate(merged))
         timings["adamerging"] = round(time.perf_counter() - t, 1)
         done("adamerging")
-    return {"split": split, "rows": rows, "single_vector": single, "timings_seconds": timings}
+        diagnostics["adamerging_confidence"] = merged_model_confidence(merged, root, tasks, split)
+    if free_control_steps > 0:
+        t = time.perf_counter()
+        from .store import read_manifest
+
+        val_images = 10 * (read_manifest(root) or {}).get("recipe", {}).get("n_val", 0)
+        # the leaderboard's 128 images per task, or the whole val split when it is smaller
+        per_task = 128 if val_images >= 128 else None
+        coefficients = free_control_coefficients(root, tasks, free_control_steps, per_task)
+        diagnostics["free_control_coefficients"] = coefficient_range(coefficients)
+        timings["free_control"] = round(time.perf_counter() - t, 1)
+        progress(f"free control: {diagnostics['free_control_coefficients']}")
+    return {
+        "split": split,
+        "rows": rows,
+        "single_vector": single,
+        "diagnostics": diagnostics,
+        "timings_seconds": timings,
+    }
 
 
-def shape_checks(rows: Dict[str, Dict[str, float]]) -> List[Tuple[str, bool, str]]:
-    """The targets of a miniature that ranks methods like the real benchmark (issue mini-TA8 r2)."""
+def shape_checks(
+    rows: Dict[str, Dict[str, float]], diagnostics: Optional[Dict[str, object]] = None
+) -> List[Tuple[str, bool, str]]:
+    """The targets of a miniature that ranks methods like the real benchmark (issues mini-TA8 r2
+    and r3; the two diagnostic targets when ``diagnostics`` has them)."""
     avg = {name: 100 * row["average"] for name, row in rows.items()}
     ind, zs = rows["individual"], rows["zero-shot"]
     tasks = [t for t in ind if t != "average"]
@@ -208,6 +246,26 @@ def shape_checks(rows: Dict[str, Dict[str, float]]) -> List[Tuple[str, bool, str
                 f"{avg['adamerging'] - avg['ties']:+.1f}",
             ),
         )
+    confidence = (diagnostics or {}).get("adamerging_confidence")
+    if confidence:
+        low = min(confidence, key=lambda t: confidence[t]["gap"])
+        checks.append(
+            (
+                f"AdaMerging's confident half ≥ unsure half + {100 * CONFIDENCE_GAP:.0f} on every task",
+                confidence[low]["gap"] >= CONFIDENCE_GAP,
+                f"min {100 * confidence[low]['gap']:+.1f} ({low})",
+            )
+        )
+    free = (diagnostics or {}).get("free_control_coefficients")
+    if free:
+        lo, hi = COEFFICIENT_RANGE
+        checks.append(
+            (
+                f"free control: ≥ {100 * WITHIN_RANGE:.0f} % of λ in [{lo}, {hi}]",
+                free["fraction_within"] >= WITHIN_RANGE,
+                f"{100 * free['fraction_within']:.1f} %, max |λ| {free['max_abs']:.2f}",
+            )
+        )
     return checks
 
 
@@ -225,8 +283,16 @@ def format_shape(result: Dict[str, object]) -> str:
         result["single_vector"]
     )
     lines.append(f"  mean change of the other tasks: {100 * mean_change:+.2f}")
+    diagnostics = result.get("diagnostics") or {}
+    if diagnostics.get("adamerging_confidence"):
+        lines += ["", "AdaMerging's merged model, confident vs unsure half (accuracy):"]
+        for task, c in diagnostics["adamerging_confidence"].items():
+            lines.append(
+                f"  {task:<20} confident {100 * c['confident']:5.1f}   unsure "
+                f"{100 * c['unsure']:5.1f}   gap {100 * c['gap']:+5.1f}"
+            )
     lines.append("")
-    for name, ok, detail in shape_checks(rows):
+    for name, ok, detail in shape_checks(rows, diagnostics):
         lines.append(f"  [{'x' if ok else ' '}] {name} {detail}")
     return "\n".join(lines)
 
@@ -241,6 +307,7 @@ def run_variant(
     name: str = "",
     progress: bool = True,
     split: str = "val",
+    free_control_steps: int = FREE_CONTROL_STEPS,
 ) -> Dict[str, object]:
     """Build ``preset``'s recipe with ``overrides`` (without test evaluation) and measure its shape
     on ``split`` (``val`` to choose a recipe; ``test`` only to report the chosen one); append the
@@ -259,7 +326,13 @@ def run_variant(
         root, seed, TASK_NAMES, preset, recipe=recipe, progress=progress
     )
     build_s = round(time.perf_counter() - t, 1)
-    result = measure_shape(Path(manifest["path"]), TASK_NAMES, split, adamerging_steps)
+    result = measure_shape(
+        Path(manifest["path"]),
+        TASK_NAMES,
+        split,
+        adamerging_steps,
+        free_control_steps=free_control_steps,
+    )
     record = {
         "name": name,
         "overrides": overrides,
@@ -281,8 +354,9 @@ def format_variants(records: Sequence[Dict[str, object]]) -> str:
     cols = ["zero-shot", "individual", "simple_average"]
     cols += [f"task_arithmetic_{lam}" for lam in TA_GRID] + ["ties", "adamerging"]
     head = "| variant | knobs changed | seed | ZS | ind (min task) | SA | TA .1 | TA .2 | TA .3 | TIES "
-    head += "| AdaM | one τ at 0.3: others | targets met |"
-    lines = [head, "|" + "---|" * 13]
+    head += "| AdaM | one τ at 0.3: others | AdaM conf − unsure (min) | free λ in range, max |λ| "
+    head += "| targets met |"
+    lines = [head, "|" + "---|" * 15]
     for rec in records:
         rows = rec["rows"]
         ind = rows["individual"]
@@ -297,12 +371,17 @@ def format_variants(records: Sequence[Dict[str, object]]) -> str:
                 cells.append(f"{100 * rows[col]['average']:.1f}")
         single = rec["single_vector"].values()
         others = 100 * sum(s["others_change"] for s in single) / len(single)
-        checks = shape_checks(rows)
+        diagnostics = rec.get("diagnostics") or {}
+        confidence = diagnostics.get("adamerging_confidence")
+        gap = f"{100 * min(c['gap'] for c in confidence.values()):+.1f}" if confidence else "–"
+        free = diagnostics.get("free_control_coefficients")
+        spread = f"{100 * free['fraction_within']:.0f} %, {free['max_abs']:.1f}" if free else "–"
+        checks = shape_checks(rows, diagnostics)
         met = f"{sum(ok for _, ok, _ in checks)}/{len(checks)}"
         knobs = ", ".join(f"{k}={v}" for k, v in rec["overrides"].items() if k != "num_threads")
         lines.append(
             f"| {rec['name']} | {knobs or '–'} | {rec['seed']} | "
             + " | ".join(cells)
-            + f" | {others:+.2f} | {met} |"
+            + f" | {others:+.2f} | {gap} | {spread} | {met} |"
         )
     return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""Diagnostics of a build's shape beyond accuracies (issue mini-TA8 r3, item 2).
+
+* **Does entropy mean something?** Entropy minimisation (AdaMerging) helps only where a merged
+  model's confident predictions are its correct ones. :func:`confidence_halves` splits a task's
+  images by the model's confidence (max softmax probability) into a confident and an unsure half and
+  gives each half's accuracy. :func:`merged_model_confidence` does this for every task, with
+  FusionBench's own ``HFCLIPClassifier`` on the task pool's images.
+* **Do the winning merges need extreme coefficients?** :func:`coefficient_range` gives the fraction
+  of learned coefficients in [-0.5, 1.5] and the largest |lambda|. :func:`free_control_coefficients`
+  runs the free-coefficient control of the leaderboard (StatsMerging's ``learner=free``, layer-wise,
+  lr 0.03, label-free) on the build's val images.
+
+The pure functions take tensors; the runners only wire the mini build to FusionBench's classes.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Dict, Sequence
+
+import torch
+
+#: the interval real layer-wise coefficients are reported to stay near
+COEFFICIENT_RANGE = (-0.5, 1.5)
+
+
+def confidence_halves(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    """Accuracy of the confident and of the unsure half of the predictions.
+
+    The images are ranked by the max softmax probability of ``logits`` ``[N, C]`` (stable: ties in
+    image order). The confident half is the top ``N // 2``, the unsure half the other ``N - N // 2``.
+    Returns ``{"confident", "unsure", "gap"}`` (accuracies in [0, 1]; gap = confident - unsure).
+    """
+    if logits.dim() != 2 or labels.shape != logits.shape[:1] or len(labels) < 2:
+        raise ValueError(
+            f"expected logits [N, C] and labels [N] with N >= 2, got {tuple(logits.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    confidence = logits.float().softmax(-1).max(-1).values
+    order = torch.sort(confidence, descending=True, stable=True).indices
+    correct = (logits.argmax(-1) == labels).float()[order]
+    half = len(labels) // 2
+    confident, unsure = float(correct[:half].mean()), float(correct[half:].mean())
+    return {
+        "confident": round(confident, 4),
+        "unsure": round(unsure, 4),
+        "gap": round(confident - unsure, 4),
+    }
+
+
+def coefficient_range(
+    coefficients: torch.Tensor, interval: Sequence[float] = COEFFICIENT_RANGE
+) -> Dict[str, float]:
+    """``{"fraction_within", "max_abs"}`` of a coefficient table (any shape)."""
+    low, high = interval
+    c = coefficients.detach().float().flatten()
+    within = ((c >= low) & (c <= high)).float().mean()
+    return {"fraction_within": round(float(within), 4), "max_abs": round(float(c.abs().max()), 4)}
+
+
+@torch.no_grad()
+def task_logits(model, root: Path, tasks: Sequence[str], split: str):
+    """``{task: (logits [N, C], labels [N])}`` of a CLIP vision ``model`` on ``split``, classified
+    with each task's zero-shot head as FusionBench's task pool does (its setup, loaders and
+    ``HFCLIPClassifier``)."""
+    from fusion_bench.models.hf_clip import HFCLIPClassifier
+    from fusion_bench.tasks.clip_classification import get_classnames_and_templates
+
+    from .evaluate import taskpool
+
+    pool = taskpool(root, tasks, split)
+    pool.setup()
+    pool.clip_model.vision_model = model
+    classifier = HFCLIPClassifier(pool.clip_model, processor=pool.processor).eval()
+    out = {}
+    for task, loader in pool.test_dataloaders.items():
+        classifier.set_classification_task(*get_classnames_and_templates(task))
+        logits, labels = [], []
+        for images, targets in loader:
+            logits.append(classifier(images, return_dict=True, task_name=task)["logits"])
+            labels.append(targets)
+        out[task] = (torch.cat(logits), torch.cat(labels))
+    return out
+
+
+def merged_model_confidence(model, root: Path, tasks: Sequence[str], split: str):
+    """:func:`confidence_halves` of ``model`` on every task of ``split``."""
+    return {
+        task: confidence_halves(logits, labels)
+        for task, (logits, labels) in task_logits(model, root, tasks, split).items()
+    }
+
+
+def free_control_coefficients(
+    root: Path, tasks: Sequence[str], max_steps: int = 500, num_unlabelled_per_task=128
+):
+    """The learned ``[K, L]`` coefficients of the leaderboard's free-coefficient control
+    (``statsmerging_free``: layer-wise StatsMerging with a free logit table, lr 0.03, 128 unlabelled
+    images per task; ``None``: the whole split) on the build's val images (never its test split)."""
+    import lightning as L
+    from lightning.fabric.loggers import TensorBoardLogger
+
+    from statsmerge_plugin.method.statsmerging import StatsMergingForCLIP
+
+    from .evaluate import modelpool
+    from .registry import register_tasks
+
+    register_tasks(tasks)
+    algorithm = StatsMergingForCLIP(
+        learner="free",
+        max_steps=max_steps,
+        num_unlabelled_per_task=num_unlabelled_per_task,
+        optim={"lr": 0.03},
+    )
+    with tempfile.TemporaryDirectory() as logs:
+        logger = TensorBoardLogger(logs, name="free_control")
+        algorithm.fabric = L.Fabric(accelerator="cpu", devices=1, loggers=[logger])
+        algorithm.run(modelpool(root, tasks, splits=("val",)))
+        (path,) = Path(logs).glob("**/statsmerging/coefficients.pt")
+        return torch.load(path)["coefficients"]
