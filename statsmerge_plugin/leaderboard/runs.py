@@ -100,19 +100,23 @@ class Leaderboard:
         """Task names of the task pool (see :meth:`composed_pools`)."""
         return self.composed_pools()[0]
 
-    def composed_pools(self) -> tuple:
-        """(task pool keys, model pool model names), from Hydra's composed config (no model is
-        loaded, no interpolation resolved)."""
-        cmd = fusion_bench_command(
-            self.args.python, [*self.common, "--cfg", "job"], self.args.config_dir
-        )
-        proc = subprocess.run(
+    def composed_job(self, resolve: bool = False) -> subprocess.CompletedProcess:
+        """``fusion_bench <pools and overrides> --cfg job`` (``--resolve``: with interpolations
+        resolved, which builds a mini pool on first use), run as the methods' processes are."""
+        flags = ["--cfg", "job"] + (["--resolve"] if resolve else [])
+        cmd = fusion_bench_command(self.args.python, [*self.common, *flags], self.args.config_dir)
+        return subprocess.run(
             cmd,
             capture_output=True,
             text=True,
             cwd=self.args.cwd,
             env=os.environ | {"HF_HUB_OFFLINE": "1"},
         )
+
+    def composed_pools(self) -> tuple:
+        """(task pool keys, model pool model names), from Hydra's composed config (no model is
+        loaded, no interpolation resolved)."""
+        proc = self.composed_job()
         if proc.returncode != 0:
             raise SystemExit(
                 f"cannot compose the task pool {self.args.taskpool!r}:\n{proc.stderr[-2000:]}"
@@ -267,16 +271,7 @@ class Leaderboard:
         not one, e.g. FusionBench's hub models): key, path and the digests of its weights and data,
         as its manifest recorded them at build time, else computed now (builds made before
         digests were recorded)."""
-        cmd = fusion_bench_command(
-            self.args.python, [*self.common, "--cfg", "job", "--resolve"], self.args.config_dir
-        )
-        proc = subprocess.run(
-            cmd,
-            capture_output=True,
-            text=True,
-            cwd=self.args.cwd,
-            env=os.environ | {"HF_HUB_OFFLINE": "1"},
-        )
+        proc = self.composed_job(resolve=True)
         if proc.returncode != 0:
             return None
         from omegaconf import OmegaConf
