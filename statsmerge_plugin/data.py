@@ -71,7 +71,8 @@ class UnlabelledImages(Dataset):
         return self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
 
 
-def _plain(cfg):
+def plain_config(cfg):
+    """A resolved, plain-Python copy of a config value (DictConfig / ListConfig); else unchanged."""
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
 
 
@@ -79,7 +80,7 @@ def _config_of(modelpool, split: str, task: str):
     configs = getattr(modelpool, f"_{split}_datasets", None)
     if configs is None or task not in configs:
         return None
-    return _plain(configs[task])
+    return plain_config(configs[task])
 
 
 # --- what a dataset (config) reads -----------------------------------------------------------------
@@ -147,7 +148,7 @@ def dataset_sources(cfg) -> FrozenSet[tuple]:
         elif hasattr(node, "dataset") and hasattr(node, "indices"):  # torch Subset
             walk(node.dataset)
 
-    cfg = _plain(cfg)
+    cfg = plain_config(cfg)
     walk(cfg)
     if not found and isinstance(cfg, (Mapping, list, tuple, str)):
         found.add(("config", json.dumps(cfg, sort_keys=True, default=str)))

@@ -22,15 +22,17 @@ from statsmerge_plugin.method.statsmerging.options import (
 def compose(method: str, hydra: bool = False):
     """The composed config of ``method=<method>`` (FusionBench's primary config, our search path;
     with ``hydra``, also Hydra's own config)."""
+    return compose_with(f"method={method}", hydra=hydra)
+
+
+def compose_with(*overrides, hydra: bool = False):
     from fusion_bench.utils.hydra_utils import get_default_config_path
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=get_default_config_path(), version_base=None):
         return hydra_compose(
-            config_name="fabric_model_fusion",
-            overrides=[f"method={method}"],
-            return_hydra_config=hydra,
+            config_name="fabric_model_fusion", overrides=list(overrides), return_hydra_config=hydra
         )
 
 
@@ -113,15 +115,6 @@ def test_paper_config_is_the_paper_literal_setting():
             assert paper[key] == value, key
     alg = instantiate(compose("statsmerging/paper").method)  # valid options
     assert alg.options.learner == "shared" and alg.options.coefficients.output_norm == "softmax"
-
-
-def compose_with(*overrides):
-    from fusion_bench.utils.hydra_utils import get_default_config_path
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=get_default_config_path(), version_base=None):
-        return hydra_compose(config_name="fabric_model_fusion", overrides=list(overrides))
 
 
 @pytest.mark.parametrize(

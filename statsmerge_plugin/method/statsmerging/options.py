@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from statsmerge_plugin.data import HELD_OUT_SOURCES
+from statsmerge_plugin.data import HELD_OUT_SOURCES, plain_config
 from statsmerge_plugin.validation import check_bool, check_choice, check_int, check_positive
 
 from .distillation import DISTILLATION_LOSSES, TASK_WEIGHTINGS
@@ -176,11 +176,9 @@ class StatsMergingOptions:
 
 
 def plain(value):
-    """A Hydra ``DictConfig``/``ListConfig`` (or tuple) as plain containers; else unchanged."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
+    """A config value as plain Python (:func:`~statsmerge_plugin.data.plain_config`), a tuple as
+    a list (the class defaults hold tuples, the YAML lists)."""
+    value = plain_config(value)
     return list(value) if isinstance(value, tuple) else value
 
 

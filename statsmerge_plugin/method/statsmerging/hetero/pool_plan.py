@@ -13,9 +13,11 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 from fusion_bench.modelpool import CLIPVisionModelPool
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from statsmerge_plugin.data import TestSplitGuard, resolve_held_out_source
+from statsmerge_plugin.data import TestSplitGuard
+from statsmerge_plugin.data import plain_config as plain
+from statsmerge_plugin.data import resolve_held_out_source
 from statsmerge_plugin.validation import check_task_classnames
 
 from .report import write_report
@@ -28,13 +30,6 @@ from .teachers import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def plain(cfg: Any) -> Any:
-    """A resolved, plain-Python copy of a config value (DictConfig / ListConfig / scalar)."""
-    if OmegaConf.is_config(cfg):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
 
 
 @dataclass
