@@ -476,6 +476,34 @@ def test_distill_to_base_records_what_it_read_and_labelled(mixed, tmp_path):
         assert len(r["step_seconds"]) == 1
 
 
+def test_one_teacher_at_a_time_on_the_compute_device(mixed, tmp_path, monkeypatch):
+    """Distillation and the test evaluation move each teacher to the device and back: whenever a
+    teacher goes onto the device no other teacher is there, and all end in host memory."""
+    from statsmerge_plugin.method.statsmerging.hetero.teachers import Teacher
+
+    seen, on_device_counts = [], []
+    real = Teacher.to_device
+
+    def spy(self, device):
+        if self not in seen:
+            seen.append(self)
+        on_device_counts.append(sum(t.on_device for t in seen))  # before this one moves
+        return real(self, device)
+
+    monkeypatch.setattr(Teacher, "to_device", spy)
+    alg = DistillToBaseForCLIP(
+        cache_dir=str(tmp_path / "cache"), max_steps=1, batch_size=8, evaluate_test=True
+    )
+    _, report = alg.distill_pool(make_pool(mixed_config(mixed)))
+    assert len(seen) == len(TEACHERS) == 2
+    assert len(on_device_counts) == 2 * len(TEACHERS)  # its distillation and its evaluation
+    assert on_device_counts == [0] * len(on_device_counts)
+    assert not any(t.on_device for t in seen)
+    for t in seen:  # really in host memory
+        assert {p.device.type for p in t.model.parameters()} == {"cpu"}
+    assert all(r["teacher_accuracy"] is not None for r in report["teachers"].values())
+
+
 # ------------------------------------------------------------------------------------------------
 # distillation through the FusionBench method
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -453,6 +454,60 @@ def test_algorithm_pages_document_every_config_key_and_embed_the_config(page, me
     for section in ("## Merging rule", "## Configuration", "## Examples", "## Results", "@"):
         assert section in text
     assert "docs/leaderboard.md" in text or "(../leaderboard.md)" in text
+
+
+def _reports_written_by(run_dir: Path) -> list:
+    """The ``report_save_path`` of every FusionBench run under ``run_dir`` (Hydra's saved configs)."""
+    import yaml
+
+    paths = []
+    for config in sorted(run_dir.glob("outputs/**/config.yaml")):
+        value = yaml.safe_load(config.read_text()).get("report_save_path")
+        if value:
+            paths.append(value)
+    return paths
+
+
+@pytest.mark.parametrize(
+    "script", sorted(p.relative_to(REPO_ROOT).as_posix() for p in REPO_ROOT.glob("examples/*/*.sh"))
+)
+def test_example_scripts_can_be_rerun_for_another_seed(script, tmp_path):
+    """Each example script, dry-run with SEED=0, then (as if that run had written its reports) with
+    SEED=1: both exit 0, with reports named by the seed; SEED=0 again stops at the output guard."""
+
+    def run(seed: int, where: Path, *extra: str):
+        where.mkdir(exist_ok=True)
+        env = dict(os.environ, SEED=str(seed), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        env.pop("RUN_TAG", None)
+        return subprocess.run(
+            ["bash", str(REPO_ROOT / script), "dry_run=true", *extra],
+            cwd=where,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+
+    first = run(0, tmp_path / "a")
+    assert first.returncode == 0, first.stderr[-2000:]
+    reports = _reports_written_by(tmp_path / "a")
+    assert reports and all(r.endswith("/seed0.json") for r in reports), reports
+    assert len(set(reports)) == len(reports)  # every run of the script has its own report
+    b = tmp_path / "b"
+    b.mkdir()
+    for report in reports:  # what the real run would have left behind
+        (b / report).parent.mkdir(parents=True, exist_ok=True)
+        (b / report).write_text("{}")
+    shutil.rmtree(tmp_path / "a")
+    second = run(1, b)
+    assert second.returncode == 0, second.stderr[-2000:]
+    again = _reports_written_by(b)
+    assert sorted(again) == sorted(r.replace("/seed0.json", "/seed1.json") for r in reports)
+    if script.endswith("_TA8.sh"):  # the same seed again must refuse to overwrite (exit 1)
+        refused = run(0, b)
+        assert refused.returncode == 1 and "already exists" in refused.stdout + refused.stderr
+    wrong = run(1, b, "method.seed=3")  # the seed names the report: only through SEED
+    assert wrong.returncode == 2 and "SEED=N" in wrong.stderr
 
 
 def test_example_scripts_compose_with_fusionbenchs_pools(tmp_path, monkeypatch):

@@ -22,7 +22,12 @@ from tiny_clip import pool_config, taskpool_config
 
 from statsmerge_plugin import data
 from statsmerge_plugin.data import held_out_images
-from statsmerge_plugin.threads import ENV_VAR, configure_torch_threads, torch_num_threads
+from statsmerge_plugin.threads import (
+    ENV_VAR,
+    FEW_CORES,
+    configure_torch_threads,
+    torch_num_threads,
+)
 from statsmerge_plugin.validation import check_output_locations
 
 # ---------------------------------------------------------------------------------------------------
@@ -273,8 +278,33 @@ def test_torch_thread_count(environ, expected):
         with pytest.raises(ValueError, match=expected):
             torch_num_threads(environ)
         return
-    want = min(2, usable_cores()) if expected == "default" else expected
-    assert torch_num_threads(environ) == want
+    cores = usable_cores()
+    default = min(2, cores) if cores <= FEW_CORES else None
+    assert torch_num_threads(environ) == (default if expected == "default" else expected)
+
+
+@pytest.mark.parametrize("cores, expected", [(1, 1), (2, 2), (4, 2), (16, None), (64, None)])
+def test_thread_cap_only_on_machines_with_few_cores(cores, expected):
+    assert torch_num_threads({}, cores=cores) == expected
+    # a variable still wins on a large machine
+    assert torch_num_threads({"OMP_NUM_THREADS": "3"}, cores=cores) == 3
+
+
+def test_a_large_machine_keeps_torchs_default_thread_count(monkeypatch):
+    """With 16 usable cores and no thread variable, a method's run() leaves torch's threads alone."""
+    from statsmerge_plugin import threads
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(5)  # stands for torch's default on that machine
+        assert configure_torch_threads() == 5 and torch.get_num_threads() == 5
+        monkeypatch.setattr(threads, "usable_cores", lambda: 2)  # a small machine: capped
+        assert configure_torch_threads() == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_methods_set_the_thread_count(monkeypatch):

@@ -601,6 +601,7 @@ def test_backward_groups_follow_the_activation_budget():
     from statsmerge_plugin.method.statsmerging.training import (
         ACTIVATION_BUDGET_BYTES,
         LearnerTraining,
+        activation_budget,
     )
 
     training = LearnerTraining(None, None, None)
@@ -611,3 +612,21 @@ def test_backward_groups_follow_the_activation_budget():
     assert training.backward_group(tasks, batches) == ["a", "b"]
     training.activation_bytes_per_image = 0.0
     assert training.backward_group(tasks, batches) == tasks
+    # a GPU budget (half of its free memory) takes all four tasks' 16 images in one pass
+    training.activation_budget = activation_budget("cuda:0", free_bytes=8 * ACTIVATION_BUDGET_BYTES)
+    training.activation_bytes_per_image = ACTIVATION_BUDGET_BYTES / 8
+    assert training.backward_group(tasks, batches) == tasks
+
+
+def test_activation_budget_is_the_host_rule_on_cpu_and_free_memory_on_cuda():
+    from statsmerge_plugin.method.statsmerging.training import (
+        ACTIVATION_BUDGET_BYTES,
+        CUDA_BUDGET_FRACTION,
+        activation_budget,
+    )
+
+    assert activation_budget("cpu") == ACTIVATION_BUDGET_BYTES
+    assert activation_budget(torch.device("cpu"), free_bytes=10**12) == ACTIVATION_BUDGET_BYTES
+    free = 20 * 2**30  # 20 GiB free on a 24 GB GPU
+    assert activation_budget("cuda:1", free_bytes=free) == int(CUDA_BUDGET_FRACTION * free)
+    assert activation_budget("cuda", free_bytes=2**20) < ACTIVATION_BUDGET_BYTES  # a full GPU

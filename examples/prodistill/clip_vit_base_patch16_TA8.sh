@@ -7,13 +7,18 @@
 # Time and memory: Not measured. Projection: the dual-input cache grows with the tokens per image (197 vs 50):
 # ~0.6 GB instead of 157 MB for 512 samples; peak a few GB (projection, not a measurement).
 #
-# Usage: bash examples/prodistill/clip_vit_base_patch16_TA8.sh [extra Hydra overrides, e.g. method.seed=1]
+# Usage: [SEED=N] [RUN_TAG=label] bash examples/prodistill/clip_vit_base_patch16_TA8.sh \
+#            [extra Hydra overrides, e.g. fabric.devices=1]
+# Outputs: outputs/<method>/<run>/seed<N>[_<label>].json; another SEED or RUN_TAG never meets an
+# earlier run's report (examples/run_tag.sh).
 set -euo pipefail
+source "$(dirname "$0")/../run_tag.sh" "$@"
 
 fusion_bench \
-    fabric.loggers.name=prodistill/ViT-B-16_TA8 \
+    fabric.loggers.name=prodistill/ViT-B-16_TA8/${TAG} \
     method=prodistill \
+    method.seed=${SEED} \
     modelpool=CLIPVisionModelPool/clip-vit-base-patch16_TA8_val \
     taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8_B16 \
-    report_save_path=outputs/prodistill/ViT-B-16_TA8.json \
+    report_save_path=outputs/prodistill/ViT-B-16_TA8/${TAG}.json \
     "$@"

@@ -8,13 +8,18 @@
 # 4.3 s per step of 128 samples on one CPU core, 5.8 h projected for the default run on that core.
 # GPU time and GPU memory: not measured (fits a 24 GB GPU by the real-scale page's figures).
 #
-# Usage: bash examples/prodistill/clip_vit_base_patch32_TA8.sh [extra Hydra overrides, e.g. method.seed=1]
+# Usage: [SEED=N] [RUN_TAG=label] bash examples/prodistill/clip_vit_base_patch32_TA8.sh \
+#            [extra Hydra overrides, e.g. fabric.devices=1]
+# Outputs: outputs/<method>/<run>/seed<N>[_<label>].json; another SEED or RUN_TAG never meets an
+# earlier run's report (examples/run_tag.sh).
 set -euo pipefail
+source "$(dirname "$0")/../run_tag.sh" "$@"
 
 fusion_bench \
-    fabric.loggers.name=prodistill/ViT-B-32_TA8 \
+    fabric.loggers.name=prodistill/ViT-B-32_TA8/${TAG} \
     method=prodistill \
+    method.seed=${SEED} \
     modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8_val \
     taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8 \
-    report_save_path=outputs/prodistill/ViT-B-32_TA8.json \
+    report_save_path=outputs/prodistill/ViT-B-32_TA8/${TAG}.json \
     "$@"

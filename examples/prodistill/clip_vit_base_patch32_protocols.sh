@@ -7,33 +7,40 @@
 # Time and memory per run: at most the eight-task run's (clip_vit_base_patch32_TA8.sh): six or four
 # task models instead of eight.
 #
-# Usage: bash examples/prodistill/clip_vit_base_patch32_protocols.sh [extra Hydra overrides]
+# Usage: [SEED=N] [RUN_TAG=label] bash examples/prodistill/clip_vit_base_patch32_protocols.sh \
+#            [extra Hydra overrides, e.g. fabric.devices=1]
+# Outputs: outputs/<method>/<run>/seed<N>[_<label>].json; another SEED or RUN_TAG never meets an
+# earlier run's report (examples/run_tag.sh).
 set -euo pipefail
+source "$(dirname "$0")/../run_tag.sh" "$@"
 
 for exp in exp1 exp2; do
     fusion_bench \
-        fabric.loggers.name=prodistill/ViT-B-32_generalization_${exp} \
+        fabric.loggers.name=prodistill/ViT-B-32_generalization_${exp}/${TAG} \
         method=prodistill \
+        method.seed=${SEED} \
         modelpool=CLIPVisionModelPool/clip-vit-base-patch32_generalization_${exp}_val \
         taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8 \
-        report_save_path=outputs/prodistill/ViT-B-32_generalization_${exp}.json \
+        report_save_path=outputs/prodistill/ViT-B-32_generalization_${exp}/${TAG}.json \
         "$@"
 done
 
 fusion_bench \
-    fabric.loggers.name=prodistill/ViT-B-32_robustness_clean \
+    fabric.loggers.name=prodistill/ViT-B-32_robustness_clean/${TAG} \
     method=prodistill \
+    method.seed=${SEED} \
     modelpool=CLIPVisionModelPool/clip-vit-base-patch32_robustness_clean_val \
     taskpool=clip-vit-base-patch32_robustness_clean \
-    report_save_path=outputs/prodistill/ViT-B-32_robustness_clean.json \
+    report_save_path=outputs/prodistill/ViT-B-32_robustness_clean/${TAG}.json \
     "$@"
 
 for corruption in motion_blur impulse_noise gaussian_noise pixelate spatter contrast jpeg_compression; do
     fusion_bench --config-name clip-vit-base-patch32_robustness_corrupted \
         corruption=${corruption} \
-        fabric.loggers.name=prodistill/ViT-B-32_robustness_${corruption} \
+        fabric.loggers.name=prodistill/ViT-B-32_robustness_${corruption}/${TAG} \
         method=prodistill \
+        method.seed=${SEED} \
         modelpool=CLIPVisionModelPool/clip-vit-base-patch32_robustness_corrupted_val \
-        report_save_path=outputs/prodistill/ViT-B-32_robustness_${corruption}.json \
+        report_save_path=outputs/prodistill/ViT-B-32_robustness_${corruption}/${TAG}.json \
         "$@"
 done

@@ -9,13 +9,18 @@
 # 500 steps on that core.
 # GPU time and GPU memory: not measured (the real-scale page expects it to fit a 24 GB GPU).
 #
-# Usage: bash examples/statsmerging/clip_vit_base_patch32_TA8.sh [extra Hydra overrides, e.g. method.seed=1]
+# Usage: [SEED=N] [RUN_TAG=label] bash examples/statsmerging/clip_vit_base_patch32_TA8.sh \
+#            [extra Hydra overrides, e.g. fabric.devices=1]
+# Outputs: outputs/<method>/<run>/seed<N>[_<label>].json; another SEED or RUN_TAG never meets an
+# earlier run's report (examples/run_tag.sh).
 set -euo pipefail
+source "$(dirname "$0")/../run_tag.sh" "$@"
 
 fusion_bench \
-    fabric.loggers.name=statsmerging/ViT-B-32_TA8 \
+    fabric.loggers.name=statsmerging/ViT-B-32_TA8/${TAG} \
     method=statsmerging \
+    method.seed=${SEED} \
     modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8_val \
     taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8 \
-    report_save_path=outputs/statsmerging/ViT-B-32_TA8.json \
+    report_save_path=outputs/statsmerging/ViT-B-32_TA8/${TAG}.json \
     "$@"

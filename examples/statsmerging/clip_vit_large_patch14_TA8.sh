@@ -8,13 +8,18 @@
 # step at 8 images on one CPU core. Projection for 8 tasks: ~13.4 GB (theta_0 + 8 task vectors are
 # 10.2 GiB; one task's activations at a time): a 24 GB GPU fits, 16 GB is tight.
 #
-# Usage: bash examples/statsmerging/clip_vit_large_patch14_TA8.sh [extra Hydra overrides, e.g. method.seed=1]
+# Usage: [SEED=N] [RUN_TAG=label] bash examples/statsmerging/clip_vit_large_patch14_TA8.sh \
+#            [extra Hydra overrides, e.g. fabric.devices=1]
+# Outputs: outputs/<method>/<run>/seed<N>[_<label>].json; another SEED or RUN_TAG never meets an
+# earlier run's report (examples/run_tag.sh).
 set -euo pipefail
+source "$(dirname "$0")/../run_tag.sh" "$@"
 
 fusion_bench \
-    fabric.loggers.name=statsmerging/ViT-L-14_TA8 \
+    fabric.loggers.name=statsmerging/ViT-L-14_TA8/${TAG} \
     method=statsmerging \
+    method.seed=${SEED} \
     modelpool=CLIPVisionModelPool/clip-vit-large-patch14_TA8_val \
     taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8_L14 \
-    report_save_path=outputs/statsmerging/ViT-L-14_TA8.json \
+    report_save_path=outputs/statsmerging/ViT-L-14_TA8/${TAG}.json \
     "$@"

@@ -37,6 +37,22 @@ MIN_START_LOSS = 1e-6
 #: activations one backward pass of a training step may hold: tasks are back-propagated together
 #: while their saved activations fit, else one at a time (a ViT-B/32 image at 224 px saves ~37 MB)
 ACTIVATION_BUDGET_BYTES = 256 * 2**20
+#: on a CUDA device the budget is this fraction of the device's free memory when training starts
+#: (after the weights, task vectors and teachers' logits are there): the host rule above would
+#: split a 32-image ViT-B/32 step into about six sequential passes on a GPU that holds all of it
+CUDA_BUDGET_FRACTION = 0.5
+
+
+def activation_budget(device, free_bytes: Optional[int] = None) -> int:
+    """Bytes of saved activations one backward pass may hold on ``device``:
+    :data:`ACTIVATION_BUDGET_BYTES` on the host; on CUDA :data:`CUDA_BUDGET_FRACTION` of
+    ``free_bytes`` (default: ``torch.cuda.mem_get_info``'s free memory of ``device``)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ACTIVATION_BUDGET_BYTES
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    return int(CUDA_BUDGET_FRACTION * free_bytes)
 
 
 @dataclass
@@ -133,6 +149,10 @@ class LearnerTraining:
         self.profile = profile or (lambda name: contextlib.nullcontext())
         #: activation bytes per image of one backward pass, measured on the first group
         self.activation_bytes_per_image: Optional[float] = None
+        #: see :func:`activation_budget` (set for the fabric's device in :meth:`run`)
+        self.activation_budget = ACTIVATION_BUDGET_BYTES
+        #: ``malloc_trim`` after each pass only when the passes run on the host
+        self.on_host = True
         self.rank_max_abs_diff: Optional[float] = None
 
     @property
@@ -151,6 +171,8 @@ class LearnerTraining:
         optimizer, scheduler = build_optimiser(learner, settings, steps)
         learner, optimizer = self.fabric.setup(learner, optimizer)
         self.activation_bytes_per_image = None
+        self.activation_budget = activation_budget(self.fabric.device)
+        self.on_host = torch.device(self.fabric.device).type == "cpu"
         features = self.objective.to_device(features)
         with torch.no_grad():
             start_coefficients = learner(features).detach().float()
@@ -182,7 +204,8 @@ class LearnerTraining:
                 check_finite_gradients("StatsMerging", learner.parameters(), step + 1)
                 optimizer.step()
                 scheduler.step()
-                release_free_memory(collect=False)  # the learner backward's and Adam's temporaries
+                if self.on_host:  # the learner backward's and Adam's temporaries
+                    release_free_memory(collect=False)
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
             if selector is not None and ((step + 1) % s.eval_every == 0 or step + 1 == steps):
@@ -254,8 +277,8 @@ class LearnerTraining:
         The merged model is built once (:class:`~.merge.LeafMerge`: no merge graph, each merged
         tensor's gradient folded into the coefficients' gradient as soon as it exists). The
         objective is a sum over tasks, so tasks are back-propagated in groups: one task at a time,
-        or several together while their saved activations stay under
-        :data:`ACTIVATION_BUDGET_BYTES` (measured on the first task of the first step), so one
+        or several together while their saved activations stay under the activation budget
+        (:func:`activation_budget`; measured on the first task of the first step), so one
         backward pass holds the activations of at most one group. The coefficients' gradient then
         goes through the learner in one backward (all-reduced under DDP). Returns the objective
         (detached)."""
@@ -279,15 +302,16 @@ class LearnerTraining:
                 part.backward()
                 total = total + part.detach().cpu()
                 del part
-                release_free_memory(collect=False)  # this group's activations, before the next
+                if self.on_host:  # this group's activations, before the next
+                    release_free_memory(collect=False)
             gradient = merge.grad
         self.fabric.backward(coefficients, gradient)
         return total
 
     def backward_group(self, tasks: List[str], batches) -> List[str]:
         """The tasks at the front of ``tasks`` that one backward pass takes: the first, and the
-        next ones while the group's activations (per image, as measured) fit
-        :data:`ACTIVATION_BUDGET_BYTES`; only the first until that is measured."""
+        next ones while the group's activations (per image, as measured) fit the activation budget
+        (:func:`activation_budget`); only the first until that is measured."""
         per_image = self.activation_bytes_per_image
         group = tasks[:1]
         if per_image is None:
@@ -295,7 +319,7 @@ class LearnerTraining:
         n = len(batches[group[0]])
         for t in tasks[1:]:
             n += len(batches[t])
-            if n * per_image > ACTIVATION_BUDGET_BYTES:
+            if n * per_image > self.activation_budget:
                 break
             group.append(t)
         return group

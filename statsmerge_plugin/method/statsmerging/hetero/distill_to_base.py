@@ -28,6 +28,7 @@ uses labels).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -336,10 +337,10 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
                 record |= {"cache_hit": True, "student_path": str(hit), "distill_seconds": 0.0}
                 record["final_loss"] = manifest.get("final_loss")
                 return hit, record, manifest.get("losses", [])
-            teacher.to(self.fabric.device)
+            teacher.to_device(self.fabric.device)
             student = self.to_device(modelpool.load_pretrained_model())
             student.requires_grad_(True)
-            with self.profile("distillation"):
+            with self.profile("distillation"), _offloaded_after(teacher):
                 result = distill(
                     student,
                     lambda module, pixels: self.compute_logits(module, pixels, task),
@@ -405,13 +406,13 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
                 continue
             test = modelpool.load_test_dataset(task)
             student = self.to_device(CLIPVisionModel.from_pretrained(students[task])).eval()
-            teacher.to(device)
 
             def zero_shot(module):
                 return lambda pixels: self.compute_logits(module, pixels, task)
 
             kw = dict(batch_size=self.eval_batch_size, device=device, max_batches=max_batches)
-            record["teacher_accuracy"] = accuracy(teacher.logits, test, teacher.processor, **kw)
+            with _offloaded_after(teacher.to_device(device)):
+                record["teacher_accuracy"] = accuracy(teacher.logits, test, teacher.processor, **kw)
             record["student_accuracy"] = accuracy(
                 zero_shot(student), test, self.clip_processor, **kw
             )
@@ -423,3 +424,13 @@ class DistillToBaseForCLIP(CLIPClassificationMixin, SimpleProfilerMixin, BaseAlg
             del student
 
     # ------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _offloaded_after(teacher: Teacher):
+    """Move ``teacher`` back to host memory when the block ends, also on an error (issue 19: one
+    teacher at a time on the compute device)."""
+    try:
+        yield teacher
+    finally:
+        teacher.offload()

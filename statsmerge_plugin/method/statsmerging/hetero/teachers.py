@@ -184,6 +184,19 @@ class Teacher:
     visual_projection: Optional[nn.Module] = None
     logit_scale_exp: Optional[torch.Tensor] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    #: whether it is on the compute device (:meth:`to_device`) or in host memory (:meth:`offload`)
+    on_device: bool = False
+
+    def to_device(self, device) -> "Teacher":
+        """Onto the compute device for its distillation or evaluation; :meth:`offload` it right
+        after, so that one teacher at a time shares the device with the base and the student."""
+        self.on_device = True
+        return self.to(device)
+
+    def offload(self) -> "Teacher":
+        """Back to host memory (a no-op move on a CPU run)."""
+        self.on_device = False
+        return self.to("cpu")
 
     def to(self, device) -> "Teacher":
         self.model.to(device)
