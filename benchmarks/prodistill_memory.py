@@ -30,8 +30,11 @@ from pathlib import Path
 TASKS = ["sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
 
 
-def build(root: Path, num_blocks: int, n_images: int, seed: int = 0) -> None:
-    """Write ``pretrained/``, ``ft_<task>/`` (safetensors), ``processor/`` and ``data_<task>/``."""
+def build(
+    root: Path, num_blocks: int, n_images: int, seed: int = 0, image_size: int = 32, tasks=TASKS
+) -> None:
+    """Write ``pretrained/``, ``ft_<task>/`` (safetensors), ``processor/`` and ``data_<task>/``
+    (``image_size`` px images in 16x16 patches)."""
     import numpy as np
     import torch
     from datasets import Dataset
@@ -44,23 +47,23 @@ def build(root: Path, num_blocks: int, n_images: int, seed: int = 0) -> None:
         intermediate_size=3072,
         num_attention_heads=12,
         num_hidden_layers=num_blocks,
-        image_size=32,
+        image_size=image_size,
         patch_size=16,
     )
     model = CLIPVisionModel(config)
     model.save_pretrained(root / "pretrained")
     CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     ).save_pretrained(root / "processor")
     pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
-    for i, task in enumerate(TASKS):
+    for i, task in enumerate(tasks):
         with torch.no_grad():  # one model in memory at a time
             for n, p in model.named_parameters():
                 p.copy_(pretrained[n] + 0.01 * torch.randn_like(p))
         model.save_pretrained(root / f"ft_{task}")
         rng = np.random.default_rng(i)
         images = [
-            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+            Image.fromarray(rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8))
             for _ in range(n_images)
         ]
         Dataset.from_dict({"image": images, "label": [0] * n_images}).save_to_disk(
@@ -68,21 +71,32 @@ def build(root: Path, num_blocks: int, n_images: int, seed: int = 0) -> None:
         )
 
 
-def run(root: Path, shots: int, epochs: int, batch_size: int) -> dict:
-    """Run ProDistill on the pool in ``root`` (in this process) and measure it."""
+def rss_peak_mb() -> float:
     import resource
 
-    import torch
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def pool_of(root: Path, tasks=TASKS, torch_dtype=None):
+    """FusionBench's ``CLIPVisionModelPool`` of the pool in ``root``; with ``torch_dtype`` (e.g.
+    ``"bfloat16"``) every model is loaded in that dtype, as a pool entry's ``torch_dtype`` does."""
     from fusion_bench.modelpool import CLIPVisionModelPool
     from omegaconf import DictConfig
 
-    from statsmerge_plugin.method.prodistill import ProDistillForCLIP
+    def entry(path: Path):
+        if torch_dtype is None:
+            return str(path)
+        return {
+            "_target_": "transformers.CLIPVisionModel.from_pretrained",
+            "pretrained_model_name_or_path": str(path),
+            "torch_dtype": torch_dtype,
+        }
 
-    def rss_peak_mb():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-    pool = CLIPVisionModelPool(
-        {"_pretrained_": str(root / "pretrained")} | {t: str(root / f"ft_{t}") for t in TASKS},
+    return CLIPVisionModelPool(
+        DictConfig(
+            {"_pretrained_": entry(root / "pretrained")}
+            | {t: entry(root / f"ft_{t}") for t in tasks}
+        ),
         processor=DictConfig(
             {
                 "_target_": "transformers.CLIPImageProcessor.from_pretrained",
@@ -92,10 +106,19 @@ def run(root: Path, shots: int, epochs: int, batch_size: int) -> dict:
         val_datasets=DictConfig(
             {
                 t: {"_target_": "datasets.load_from_disk", "dataset_path": str(root / f"data_{t}")}
-                for t in TASKS
+                for t in tasks
             }
         ),
     )
+
+
+def run(root: Path, shots: int, epochs: int, batch_size: int) -> dict:
+    """Run ProDistill on the pool in ``root`` (in this process) and measure it."""
+    import torch
+
+    from statsmerge_plugin.method.prodistill import ProDistillForCLIP
+
+    pool = pool_of(root)
     algorithm = ProDistillForCLIP(
         shots_per_task=shots, epochs_per_block=epochs, batch_size=batch_size
     )

@@ -186,18 +186,31 @@ class OpenCLIPSupportMixin:
 
     def setup_zero_shot_classification_head(self, *args, task_names=None, **kwargs):
         if not self.is_openclip:
-            return super().setup_zero_shot_classification_head(
-                *args, task_names=task_names, **kwargs
-            )
+            super().setup_zero_shot_classification_head(*args, task_names=task_names, **kwargs)
+            # the head in float32 whatever the pool's dtype (a bfloat16 pool loads its CLIP, and
+            # so the projection, in bfloat16): logits and losses are never computed in half
+            self.visual_projection.float()
+            self.logit_scale_exp = self.logit_scale_exp.float()
+            for task in list(self.zeroshot_weights):
+                self.zeroshot_weights[task] = self.zeroshot_weights[task].float()
+            return None
         tasks = list(self.modelpool.model_names if task_names is None else task_names)
         heads = load_classification_heads(self.modelpool, tasks)
         self.openclip_heads = {t: self.to_device(h) for t, h in heads.items()}
 
     def compute_logits(self, module, images, task: str, image_embeds=None) -> torch.Tensor:
+        """A task's logits from ``module`` (or its image embeddings), with the head in its own
+        dtype (float32): a half-precision model's embeddings are cast up before the head."""
         if not self.is_openclip:
-            return super().compute_logits(module, images, task, image_embeds=image_embeds)
+            if image_embeds is None:
+                image_embeds = module(images)[1]
+            head_dtype = self.visual_projection.weight.dtype
+            return super().compute_logits(
+                module, images, task, image_embeds=image_embeds.to(head_dtype)
+            )
         features = module(images) if image_embeds is None else image_embeds
-        return self.openclip_heads[task](features)
+        head = self.openclip_heads[task]
+        return head(features.to(next(head.parameters()).dtype))
 
     def image_embeds(self, module, images) -> torch.Tensor:
         """What ``compute_logits(..., image_embeds=...)`` takes: an ``ImageEncoder``'s features, or

@@ -380,7 +380,7 @@ def make_reader(
     if not isinstance(model, nn.Module):  # a LazyStateDict reads tensor by tensor already
         return _as_reader(name, model)
     state = {
-        n: p.detach().to(torch.float32).contiguous() for n, p in canonical_parameters(model).items()
+        n: p.detach().contiguous() for n, p in canonical_parameters(model).items()  # stored dtype
     }
     buffer_names = set(buffer_names) | set(canonical_buffers(model))
     scratch_dir.mkdir(parents=True, exist_ok=True)

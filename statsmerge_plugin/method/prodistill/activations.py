@@ -161,6 +161,7 @@ class DualStreamCache:
         device="cpu",
         directory: Optional[Path] = None,
         masks: Optional[Tensor] = None,
+        dtype: torch.dtype = torch.float32,
     ):
         if masks is not None and tuple(masks.shape) != (num_samples, seq_len):
             raise ValueError(f"masks must have shape ({num_samples}, {seq_len}), got {masks.shape}")
@@ -172,6 +173,7 @@ class DualStreamCache:
         if placement not in CACHE_PLACEMENTS[1:]:
             raise ValueError(f"invalid cache placement {placement!r}: {CACHE_PLACEMENTS[1:]}")
         self.shape = (num_samples, seq_len, hidden)
+        self.dtype = dtype  # the compute dtype (float32 for a float32 pool, bfloat16 for ...)
         self.task_ids = task_ids.to(torch.long).cpu()
         self.placement = placement
         self.device = torch.device(device)
@@ -185,17 +187,17 @@ class DualStreamCache:
             self.student = self._file_tensor(directory / "student_stream.bin")
             self.teacher = self._file_tensor(directory / "teacher_stream.bin")
         elif placement == "device":
-            self.student = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
-            self.teacher = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+            self.student = torch.zeros(self.shape, dtype=dtype, device=self.device)
+            self.teacher = torch.zeros(self.shape, dtype=dtype, device=self.device)
         else:
-            self.student = torch.zeros(self.shape, dtype=torch.float32, pin_memory=pin)
-            self.teacher = torch.zeros(self.shape, dtype=torch.float32, pin_memory=pin)
+            self.student = torch.zeros(self.shape, dtype=dtype, pin_memory=pin)
+            self.teacher = torch.zeros(self.shape, dtype=dtype, pin_memory=pin)
         self._staging: Dict[str, _StagingRing] = {s: _StagingRing(pin) for s in STREAMS}
 
     def _file_tensor(self, path: Path) -> Tensor:
         numel = self.shape[0] * self.shape[1] * self.shape[2]
         path.unlink(missing_ok=True)
-        t = torch.from_file(str(path), shared=True, size=numel, dtype=torch.float32)
+        t = torch.from_file(str(path), shared=True, size=numel, dtype=self.dtype)
         self.files.append(path)
         return t.view(self.shape)
 
@@ -244,7 +246,7 @@ class DualStreamCache:
     def scatter(self, stream: str, indices: Tensor, values: Tensor) -> None:
         """Write ``values`` into rows ``indices`` of ``stream``."""
         target = getattr(self, stream)
-        values = values.detach().to(target.device, torch.float32)
+        values = values.detach().to(target.device, target.dtype)
         target.index_copy_(0, indices.to(target.device), values)
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from ...model_io import WeightReader
+from ...precision import check_compute_dtype
 from ...validation import (
     check_bool,
     check_choice,
@@ -41,6 +42,7 @@ class EngineChecks:
         check_finite_number("ta_lambda", self.ta_lambda)
         check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         check_choice("activation_cache", self.activation_cache, CACHE_PLACEMENTS)
+        check_compute_dtype("compute_dtype", self.compute_dtype)
         if self.scratch_dir is not None and not isinstance(self.scratch_dir, (str, Path)):
             raise ValueError(
                 f"invalid value {self.scratch_dir!r} for option `scratch_dir`: expected a path or null"

@@ -2,17 +2,23 @@ R"""ProDistill's block engine: the progressive loop for any stack of blocks (spe
 
 :class:`ProDistillEngine` holds everything that does not depend on the modality: options and their
 checks and pool validation (:class:`~.checks.EngineChecks`), task arithmetic outside the blocks (one
-tensor at a time), stage 0 (the dual inputs), the per-block training of element-wise coefficients
-with each sample's own teacher, propagation, and the records (:class:`~.reporting.ReportWriter`). A
-subclass supplies the few-shot inputs and the output model (:class:`~.prodistill.ProDistillForCLIP`
-for images, :mod:`.language` for GPT-2 and causal LMs);
+tensor at a time), stage 0 (the dual inputs, :mod:`.stage0`), the per-block training of element-wise
+coefficients with each sample's own teacher, propagation, and the records
+(:class:`~.reporting.ReportWriter`). A subclass supplies the few-shot inputs and the output model
+(:class:`~.prodistill.ProDistillForCLIP` for images, :mod:`.language` for GPT-2 and causal LMs);
 the per-architecture adapter (:class:`~.layers.BlockLayout`) says how to embed and call a block.
 
-Memory (spec §1.6): per block, ``θ_0`` and the stacked ``θ_i`` in the stored dtype (float32 for the
-vision pools, e.g. bfloat16 for LLM pools), float32 coefficients and their Adam moments, the merged
-float32 block for the forward pass; task vectors are recomputed from the weights inside the merge
-(:func:`.merge.merge_from_weights`) and each coefficient's Adam step runs as soon as its gradient
-exists (``optimizer_in_backward``), so no block-sized float32 task vectors or gradients stay alive.
+Memory (spec §1.6): per block, ``θ_0`` and the stacked ``θ_i`` in the compute dtype (the pool's by
+default: float32 for the vision pools, bfloat16 for FusionBench's LLM pools), float32 coefficients
+and their Adam moments, the merged block (computed in float32, used in the compute dtype); task
+vectors are recomputed from the weights inside the merge (:func:`.merge.merge_from_weights`) and
+each coefficient's Adam step runs as soon as its gradient exists (``optimizer_in_backward``), so no
+block-sized float32 task vectors or gradients stay alive. The activation cache and every block pass
+are in the compute dtype; losses are summed in float32.
+
+Several devices (``fabric.devices=N``): the few-shot samples are sharded across the ranks and the
+coefficient gradients all-reduced (:mod:`.sharding`); every rank keeps its own scratch directory
+(:meth:`ProDistillEngine.rank_scratch`) and only rank 0 writes the report.
 """
 
 from __future__ import annotations
@@ -30,13 +36,9 @@ from torch import Tensor, nn
 
 from ...memory import release_free_memory
 from ...model_io import WeightReader
+from ...precision import resolve_compute_dtype
 from ...validation import check_finite, check_finite_loss
-from .activations import (
-    DualStreamCache,
-    block_working_bytes,
-    cache_placement,
-    stack_task_ids,
-)
+from .activations import DualStreamCache
 from .checks import OUTPUT_FILES, PRETRAINED, EngineChecks  # noqa: F401 - re-exported
 from .layers import HF_CLIP_LAYOUT, BlockLayout, block_template
 from .merge import adam_in_backward, block_loss, merge_from_weights, remove_hooks
@@ -48,26 +50,37 @@ from .reporting import (
     peak_rss_mb,
     reset_cuda_peak,
 )
+from .sharding import all_reduce_gradients, all_reduce_sum, max_rank_difference
+from .stage0 import DualInputStage
 
 log = logging.getLogger(__name__)
 
 
 @auto_register_config
 class ProDistillEngine(
-    EngineChecks, ReportWriter, LightningFabricMixin, SimpleProfilerMixin, BaseAlgorithm
+    DualInputStage,
+    EngineChecks,
+    ReportWriter,
+    LightningFabricMixin,
+    SimpleProfilerMixin,
+    BaseAlgorithm,
 ):
     """The options every ProDistill variant shares (see ``config/method/prodistill/clip.yaml``):
     ``shots_per_task``, ``seed``, ``lr``, ``epochs_per_block``, ``batch_size``, ``init_lambda``,
     ``ta_lambda``, ``loss_reduction``, ``activation_cache``, ``scratch_dir``,
-    ``allow_single_task``, ``save_loss_curves``, ``overwrite``; and ``optimizer_in_backward``
+    ``allow_single_task``, ``save_loss_curves``, ``overwrite``; ``optimizer_in_backward``
     (each coefficient tensor's Adam step inside ``backward()``, its gradient freed at once: the same
-    steps, one tensor's gradient in memory instead of the block's).
+    steps, one tensor's gradient in memory instead of the block's; in one process only: with
+    several, the gradients are all-reduced after ``backward()``, :mod:`.sharding`); and
+    ``compute_dtype`` (``None``: the pool's dtype; ``float32``, ``bfloat16``, ``float16``): the
+    dtype of the block weights, the merged block, the activation cache and the block passes; the
+    coefficients, their Adam moments and the losses stay float32 (:mod:`statsmerge_plugin.precision`).
     """
 
     #: the adapter (set from the pool's models in ``run``)
     _layout: BlockLayout = HF_CLIP_LAYOUT
-    #: dtype the block weights are read in: float32, or ``None`` for the stored dtype
-    _weights_dtype: Optional[torch.dtype] = torch.float32
+    #: the dtype of the weights, activations and block passes (:meth:`set_dtypes`)
+    _compute_dtype: torch.dtype = torch.float32
 
     def __init__(
         self,
@@ -85,12 +98,29 @@ class ProDistillEngine(
         save_loss_curves: bool = True,
         overwrite: bool = False,
         optimizer_in_backward: bool = True,
+        compute_dtype: Optional[str] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.check_options()
         self.block_records: List[Dict] = []
         self.loss_curves = LossCurves()
+
+    def rank_scratch(self, scratch: Path) -> Path:
+        """``scratch`` itself in one process; ``scratch/rank<r>`` with several, so that no rank
+        writes or deletes another's converted checkpoints, merged blocks or activation files."""
+        if self.fabric.world_size == 1:
+            return scratch
+        return scratch / f"rank{self.fabric.global_rank}"
+
+    def set_dtypes(self, out_params: Dict[str, Tensor]) -> None:
+        """The compute dtype (``compute_dtype``, else the output model's) and the dtype every merged
+        tensor is written in (the output model's, i.e. the pool's)."""
+        floating = [p.dtype for p in out_params.values() if p.is_floating_point()]
+        pool_dtype = floating[0] if floating else torch.float32
+        self._compute_dtype = resolve_compute_dtype(self.compute_dtype, pool_dtype)
+        self._out_dtypes = {n: p.dtype for n, p in out_params.items()}
+        self._dtype_info = {"pool": str(pool_dtype), "compute": str(self._compute_dtype)}
 
     # --- outside the blocks: task arithmetic, one tensor at a time (spec §1.1, §1.5) -------------
 
@@ -112,81 +142,6 @@ class ProDistillEngine(
             del base, delta
         return embedding
 
-    # --- stage 0: dual inputs (spec §1.3) --------------------------------------------------------
-
-    def _batches(self, inputs):
-        if hasattr(inputs, "batches"):  # tokenized text shots
-            return inputs.batches(self.batch_size)
-        return torch.utils.data.DataLoader(inputs, batch_size=self.batch_size)
-
-    def _to_device_batch(self, batch):
-        if isinstance(batch, dict):
-            return {k: self.to_device(v) for k, v in batch.items()}
-        return self.to_device(batch)
-
-    @torch.no_grad()
-    def stage0(self, backbone, inputs, student_emb, readers, tasks, device, scratch, block_numel):
-        """Student stream: the task-arithmetic embedding stage; teacher stream: each task model's own
-        (spec §1.3). Inputs are embedded batch by batch; the cache goes where
-        :func:`~.activations.cache_placement` says."""
-        import copy
-
-        layout = self._layout
-        emb_names = sorted(student_emb)
-        stages = {
-            name: self.to_device(copy.deepcopy(module))
-            for name, module in layout.embedding_stage_modules(backbone).items()
-        }
-        stage = _Stage(stages)
-        student = {n: self.to_device(student_emb[n]) for n in emb_names}
-        counts = [len(x) for x in inputs]
-        masks = [x.masks for x in inputs] if hasattr(inputs[0], "masks") else None
-        cache, offset = None, 0
-        for i, task_inputs in enumerate(inputs):
-            teacher = self.to_device_all(readers[tasks[i]].read(emb_names))
-            for batch in self._batches(task_inputs):
-                x = self._to_device_batch(batch)
-                out = layout.call_embedding_stage(stage, student, x)
-                if cache is None:
-                    cache = DualStreamCache(
-                        sum(counts),
-                        out.shape[1],
-                        out.shape[2],
-                        stack_task_ids(counts),
-                        placement=self._placement(
-                            sum(counts), out.shape, block_numel, len(tasks), device, backbone
-                        ),
-                        device=device,
-                        directory=scratch / "activations",
-                        masks=None if masks is None else torch.cat(masks),
-                    )
-                chunk = torch.arange(offset, offset + out.shape[0])
-                cache.scatter("student", chunk, out)
-                cache.scatter("teacher", chunk, layout.call_embedding_stage(stage, teacher, x))
-                offset += out.shape[0]
-            del teacher
-        return cache
-
-    def _placement(self, num_samples, token_shape, block_numel, num_tasks, device, backbone):
-        """Resolve ``activation_cache`` for a cache of ``num_samples`` x ``token_shape[1:]``."""
-        _, seq_len, hidden = token_shape
-        config = getattr(backbone, "config", None)
-        working = block_working_bytes(
-            block_numel,
-            num_tasks,
-            self.batch_size,
-            seq_len,
-            hidden,
-            getattr(config, "intermediate_size", None) or 4 * hidden,
-            getattr(config, "num_attention_heads", None) or max(1, hidden // 64),
-        )
-        free = None
-        if torch.device(device).type == "cuda":
-            free = torch.cuda.mem_get_info(torch.device(device))[0]
-        return cache_placement(
-            self.activation_cache, device, 2 * 4 * num_samples * seq_len * hidden, working, free
-        )
-
     # --- one block (spec §1.4) -------------------------------------------------------------------
 
     def _distill_block(
@@ -206,7 +161,7 @@ class ProDistillEngine(
         layout = self._layout
         call_block = layout.call_block
         names = [layout.block_prefix(index) + n for n in local_names]
-        dtype = self._weights_dtype
+        dtype, shard = self._compute_dtype, self._shard
 
         # 1. weights of this block only: θ0 and every θ_i (stored dtype), and the teacher pass
         with self.profile("load block + teacher pass"):
@@ -222,7 +177,7 @@ class ProDistillEngine(
                     )
                     for n in local_names:
                         weights[n][i] = theta[n]
-                    theta = {n: t.to(torch.float32) for n, t in theta.items()}
+                    theta = {n: t.to(dtype) for n, t in theta.items()}
                     # teacher stream: own fine-tuned block, computed once (it does not depend on α);
                     # the result is this block's target and the next block's teacher input.
                     for chunk in cache.chunks(cache.indices_of_task(i), self.batch_size):
@@ -242,37 +197,41 @@ class ProDistillEngine(
             for n, w in weights.items()
         }
         params = list(coefficients.values())
-        in_backward = self.optimizer_in_backward
+        distributed = self.fabric.world_size > 1
+        in_backward = self.optimizer_in_backward and not distributed
         if in_backward:
             optimisers = adam_in_backward(params, self.lr)
         else:
             optimizer = torch.optim.Adam(params, lr=self.lr)
         with torch.no_grad():  # whole-set loss at the initial (task-arithmetic) coefficients
             loss_before = self._set_loss(template, base, weights, coefficients, cache)
-        steps_per_epoch = -(-len(cache) // self.batch_size)
+        steps_per_epoch = -(-shard.num_samples // self.batch_size)
         epochs = 1 if self.is_debug_mode else self.epochs_per_block
         total_steps = 1 if self.is_debug_mode else epochs * steps_per_epoch
         step, epoch_losses = 0, []
         with self.profile("train block"):
             for epoch in range(epochs):
                 total = 0.0
-                for chunk in cache.shuffled_batches(self.batch_size, generator):
-                    mask = cache.gather_mask(chunk)
-                    z1 = cache.gather("student", chunk)
-                    target = cache.gather("teacher", chunk)
-                    merged = merge_from_weights(base, weights, coefficients)
-                    student = call_block(template, merged, z1, mask)
-                    loss = block_loss(student, target, self.loss_reduction, mask)
-                    value = float(loss.detach())
+                for rows, batch_len in shard.epoch(self.batch_size, generator):
+                    loss = None
+                    if len(rows):  # this rank's samples of the (global) minibatch
+                        merged = self._merged(base, weights, coefficients)
+                        loss = self._batch_loss(template, merged, cache, rows)
+                        if self.loss_reduction == "mean":  # over the whole minibatch's samples
+                            loss = loss / batch_len
+                    value = all_reduce_sum(0.0 if loss is None else float(loss.detach()), device)
                     check_finite_loss(
                         "ProDistill", value, step + 1, total_steps, where=f" of block {index}"
                     )
                     if not in_backward:
                         optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if loss is not None:
+                        loss.backward()
+                        del merged
                     if not in_backward:
+                        all_reduce_gradients(params)  # several ranks: sum of their gradients
                         optimizer.step()
-                    del merged, student, loss
+                    del loss
                     self.loss_curves.add(index, step, epoch, value)
                     total += value
                     step += 1
@@ -285,14 +244,15 @@ class ProDistillEngine(
 
         # 3. propagate the student stream through the trained merged block
         with self.profile("propagate"), torch.no_grad():
-            merged = merge_from_weights(base, weights, coefficients)
+            rank_diff = max_rank_difference(params) if distributed else None
+            merged = self._merged(base, weights, coefficients)
             sq_error = 0.0
             for chunk in cache.chunks(torch.arange(len(cache)), self.batch_size):
                 mask = cache.gather_mask(chunk)
                 out = call_block(template, merged, cache.gather("student", chunk), mask)
                 sq_error += float(block_loss(out, cache.gather("teacher", chunk), "sum", mask))
                 cache.scatter("student", chunk, out)
-            loss_after = sq_error / len(cache)
+            loss_after = all_reduce_sum(sq_error, device) / shard.num_samples
             merged = {n: v.detach().cpu() for n, v in merged.items()}
             coef_mean = [
                 float(
@@ -307,6 +267,8 @@ class ProDistillEngine(
         curve = self.loss_curves.of_block(index)
         record = {
             "block": index,
+            "samples_this_rank": len(shard),
+            "rank_max_abs_diff": rank_diff,
             "steps": step,
             "epochs": epochs,
             "loss_before": loss_before,
@@ -335,16 +297,27 @@ class ProDistillEngine(
             torch.cuda.empty_cache()
         return record
 
+    def _merged(self, base, weights, coefficients) -> Dict[str, Tensor]:
+        """The merged block (computed in float32 from the weights, :func:`.merge.merge_from_weights`)
+        in the compute dtype; differentiable in ``coefficients``."""
+        merged = merge_from_weights(base, weights, coefficients)
+        if self._compute_dtype == torch.float32:
+            return merged
+        return {n: v.to(self._compute_dtype) for n, v in merged.items()}
+
+    def _batch_loss(self, template, merged, cache, rows) -> Tensor:
+        """The summed squared feature error of cache rows ``rows`` through the merged block."""
+        mask = cache.gather_mask(rows)
+        student = self._layout.call_block(template, merged, cache.gather("student", rows), mask)
+        return block_loss(student, cache.gather("teacher", rows), "sum", mask)
+
     def _set_loss(self, template, base, weights, coefficients, cache) -> float:
         """Squared feature error per sample (summed over real tokens and hidden units), averaged over
-        the whole few-shot set."""
-        merged = merge_from_weights(base, weights, coefficients)
-        total = 0.0
+        the whole few-shot set (all ranks' samples)."""
+        merged, total = self._merged(base, weights, coefficients), 0.0
         for chunk in cache.chunks(torch.arange(len(cache)), self.batch_size):
-            mask = cache.gather_mask(chunk)
-            out = self._layout.call_block(template, merged, cache.gather("student", chunk), mask)
-            total += float(block_loss(out, cache.gather("teacher", chunk), "sum", mask))
-        return total / len(cache)
+            total += float(self._batch_loss(template, merged, cache, chunk))
+        return all_reduce_sum(total, cache.device) / self._shard.num_samples
 
     def to_device_all(self, tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
         return {n: self.to_device(t) for n, t in tensors.items()}
@@ -374,9 +347,8 @@ class ProDistillEngine(
                     layout.block_prefix(index) + n: v for n, v in record.pop("merged").items()
                 }
                 check_finite("ProDistill merged model", merged)  # nothing non-finite is kept
-                stored = self._stored_dtypes(readers[PRETRAINED], merged)
-                save_file(
-                    {n: v.to(stored[n]).contiguous() for n, v in merged.items()},
+                save_file(  # in the output model's (the pool's) dtype
+                    {n: v.to(self._out_dtypes[n]).contiguous() for n, v in merged.items()},
                     str(merged_dir / f"block_{index:03d}.safetensors"),
                 )
                 del merged, template  # not alive during the next block (flat in depth)
@@ -401,22 +373,6 @@ class ProDistillEngine(
         finally:
             cache.close()
         gc.collect()
-
-    def _stored_dtypes(self, reader: WeightReader, tensors: Dict[str, Tensor]) -> Dict:
-        """float32 for float32 reads; with ``_weights_dtype=None`` the pool's stored dtype."""
-        if self._weights_dtype is not None:
-            return {n: self._weights_dtype for n in tensors}
-        dtypes = reader.dtypes() if hasattr(reader, "dtypes") else {}
-        return {n: dtypes.get(n, torch.float32) for n in tensors}
-
-
-class _Stage(nn.Module):
-    """Holds copies of the embedding-stage modules under their backbone names."""
-
-    def __init__(self, modules: Dict[str, nn.Module]):
-        super().__init__()
-        for name, module in modules.items():
-            self.add_module(name, module)
 
 
 def _local(tensors: Dict[str, Tensor], index: int, layout: BlockLayout) -> Dict[str, Tensor]:

@@ -67,8 +67,6 @@ class ProDistillForCausalLM(ProDistillEngine):
         **kwargs: the engine's options (:class:`~.engine.ProDistillEngine`).
     """
 
-    _weights_dtype = None  # the pool's stored dtype
-
     def __init__(self, few_shot: Optional[dict] = None, max_tokens: int = 256, **kwargs):
         super().__init__(**kwargs)
 
@@ -146,7 +144,11 @@ class ProDistillForCausalLM(ProDistillEngine):
         self.check_outputs()
         self.block_records, self.loss_curves = [], type(self.loss_curves)()
         own_scratch = self.scratch_dir is None
-        scratch = Path(tempfile.mkdtemp(prefix="prodistill_") if own_scratch else self.scratch_dir)
+        scratch = (  # a temporary directory is this process's own; a given one gets rank subdirs
+            Path(tempfile.mkdtemp(prefix="prodistill_"))
+            if own_scratch
+            else self.rank_scratch(Path(self.scratch_dir))
+        )
         try:
             return self._run(modelpool, tasks, inputs, scratch, t0)
         finally:  # the returned model maps files that are unlinked here: their pages stay readable
@@ -161,6 +163,7 @@ class ProDistillForCausalLM(ProDistillEngine):
             if hasattr(layout, "to"):
                 layout.to(device)
             params = canonical_parameters(model)
+            self.set_dtypes(params)
             reference = {n: tuple(p.shape) for n, p in params.items()}
             dtypes = {n: p.dtype for n, p in params.items()}
         with self.profile("open readers and validate"):
@@ -227,8 +230,6 @@ class ProDistillForGPT2(ProDistillForCausalLM):
         few_shot: optional per-task specs instead (as :class:`ProDistillForCausalLM`).
         **kwargs: ``max_tokens`` and the engine's options.
     """
-
-    _weights_dtype = torch.float32
 
     def __init__(self, data_source: str = "auto", **kwargs):
         super().__init__(**kwargs)

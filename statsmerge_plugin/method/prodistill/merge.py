@@ -93,7 +93,7 @@ def block_loss(
             f"student and teacher outputs differ in shape: {tuple(student.shape)} vs "
             f"{tuple(teacher.shape)}"
         )
-    sq = (student - teacher).pow(2)
+    sq = (student.float() - teacher.float()).pow(2)  # float32 also for half-precision passes
     if mask is not None:
         keep = mask.to(torch.bool).reshape(mask.shape + (1,) * (sq.dim() - mask.dim()))
         sq = sq.masked_fill(~keep, 0.0)  # not a product: a non-finite padded value stays out

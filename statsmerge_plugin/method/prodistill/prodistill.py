@@ -165,7 +165,11 @@ class ProDistillForCLIP(ProDistillEngine):
         device = self.fabric.device
         self.block_records, self.loss_curves = [], type(self.loss_curves)()
         own_scratch = self.scratch_dir is None
-        scratch = Path(tempfile.mkdtemp(prefix="prodistill_") if own_scratch else self.scratch_dir)
+        scratch = (  # a temporary directory is this process's own; a given one gets rank subdirs
+            Path(tempfile.mkdtemp(prefix="prodistill_"))
+            if own_scratch
+            else self.rank_scratch(Path(self.scratch_dir))
+        )
         t_start = time.perf_counter()
         try:
             return self._run(modelpool, tasks, device, scratch)
@@ -186,6 +190,7 @@ class ProDistillForCLIP(ProDistillEngine):
             backbone = vision_backbone(merged_model)
             self._layout = layout = block_layout(merged_model)
             out_params = canonical_parameters(merged_model)
+            self.set_dtypes(out_params)
             reference = {n: tuple(p.shape) for n, p in out_params.items()}
             buffer_names = list(canonical_buffers(merged_model))
 

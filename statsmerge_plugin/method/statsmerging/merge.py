@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from statsmerge_plugin.precision import is_low_precision
+
 
 def merge_tensor(
     pretrained: torch.Tensor,
@@ -46,6 +48,13 @@ def merge_tensor(
     """
     check_mergeable(pretrained, task_vectors, coefficients, name)
     K = task_vectors.shape[0]
+    if is_low_precision(task_vectors.dtype):  # summed in float32, rounded once (precision.py)
+        merged = torch.addmv(
+            pretrained.reshape(-1).float(),
+            task_vectors.reshape(K, -1).T.float(),
+            coefficients.float(),
+        )
+        return merged.to(pretrained.dtype).view(pretrained.shape)
     merged = torch.addmv(  # one pass over the task vectors, no [K, *S] or S-sized temporaries
         pretrained.reshape(-1),
         task_vectors.reshape(K, -1).T,
@@ -252,9 +261,12 @@ class LeafMerge:
         flat = task_vectors.reshape(task_vectors.shape[0], -1)
 
         def fold(merged: torch.Tensor) -> None:
-            with torch.no_grad():
-                grad = merged.grad.reshape(-1).to(flat.dtype)
-                self.grad[:, col] += (flat @ grad).to(self.grad.dtype)
+            with torch.no_grad():  # d loss / d lambda = <g, tau>, in float32 for half precision
+                grad = merged.grad.reshape(-1)
+                if is_low_precision(flat.dtype):
+                    self.grad[:, col] += (flat.float() @ grad.float()).to(self.grad.dtype)
+                else:
+                    self.grad[:, col] += (flat @ grad.to(flat.dtype)).to(self.grad.dtype)
             merged.grad = None
 
         return fold

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from statsmerge_plugin.data import HELD_OUT_SOURCES, plain_config
+from statsmerge_plugin.precision import check_compute_dtype
 from statsmerge_plugin.validation import check_bool, check_choice, check_int, check_positive
 
 from .distillation import DISTILLATION_LOSSES, TASK_WEIGHTINGS
@@ -152,6 +153,7 @@ class StatsMergingOptions:
     num_unlabelled_per_task: Optional[int] = 128
     data_source: str = "auto"
     seed: int = 0
+    compute_dtype: Optional[str] = None
     features: FeatureOptions = field(default_factory=FeatureOptions)
     mlp: MLPOptions = field(default_factory=MLPOptions)
     coefficients: CoefficientOptions = field(default_factory=CoefficientOptions)
@@ -266,6 +268,7 @@ def check_options(o: StatsMergingOptions) -> None:
     check_int("batch_size_per_task", o.batch_size_per_task)
     check_int("num_unlabelled_per_task", o.num_unlabelled_per_task, allow_none=True)
     check_int("seed", o.seed, minimum=0)
+    check_compute_dtype("compute_dtype", o.compute_dtype)
     check_choice("features.stats_source", f.stats_source, STATS_SOURCES)
     check_choice("features.feature_norm", f.feature_norm, FEATURE_NORMS)
     f.stat_features = check_feature_groups(plain(f.stat_features), "features.stat_features")

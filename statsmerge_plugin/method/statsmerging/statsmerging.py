@@ -39,6 +39,7 @@ Implementation notes, and deliberate deviations from the official code (spec §2
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Dict, List, Mapping, Optional
@@ -59,6 +60,7 @@ from statsmerge_plugin.model_io import (
     open_reader,
     weight_groups,
 )
+from statsmerge_plugin.precision import is_low_precision, module_dtype, resolve_compute_dtype
 from statsmerge_plugin.threads import configure_torch_threads
 from statsmerge_plugin.validation import (
     check_bool,
@@ -113,6 +115,10 @@ class StatsMergingForCLIP(
         data_source: ``auto`` (the pool's val split if it has one, else a seeded slice of train),
             ``val`` or ``train``; never ``test``.
         seed: seeds data sampling and the learner's initialisation.
+        compute_dtype: ``None`` (the pool's dtype), ``float32``, ``bfloat16`` or ``float16``: the
+            dtype of the weights, task vectors, merged tensors and activations; the learner, the
+            coefficients, their gradients and the zero-shot heads stay float32. The merged model
+            is returned in the pool's dtype.
         features, mlp, coefficients, objective, optim, model_selection, memory: the research
             groups, each a mapping of its keys (:mod:`.options`; ``config/method/statsmerging.yaml``
             explains every key).
@@ -134,6 +140,7 @@ class StatsMergingForCLIP(
         num_unlabelled_per_task: Optional[int] = 128,
         data_source: str = "auto",
         seed: int = 0,
+        compute_dtype: Optional[str] = None,
         features: Optional[Mapping[str, Any]] = None,
         mlp: Optional[Mapping[str, Any]] = None,
         coefficients: Optional[Mapping[str, Any]] = None,
@@ -156,6 +163,7 @@ class StatsMergingForCLIP(
                 "num_unlabelled_per_task": num_unlabelled_per_task,
                 "data_source": data_source,
                 "seed": seed,
+                "compute_dtype": compute_dtype,
             },
             {name: getattr(self, name) for name in GROUPS},
             flat,
@@ -183,12 +191,23 @@ class StatsMergingForCLIP(
         self.check_outputs()
         with self.profile("load pretrained model"):
             base = load_pool_model(modelpool, PRETRAINED)
-            base.requires_grad_(False)
+            pool_dtype = module_dtype(base)
+            self.compute_dtype = resolve_compute_dtype(o.compute_dtype, pool_dtype)
+            base.requires_grad_(False).to(self.compute_dtype)
             base_state = trainable_state(base)
             check_finite(PRETRAINED, base_state)
             names = list(base_state)
         with self.profile("validate task models"):
             self.validate_task_models(tasks, base)
+        if o.memory.merge_in_place and is_low_precision(self.compute_dtype):
+            log.warning(
+                f"StatsMerging: memory.merge_in_place is off for {self.compute_dtype} compute (an "
+                "in-place merge undone in half precision does not give theta_0 back exactly); each "
+                "step's merged tensors are built beside theta_0"
+            )
+            o = self.options = dataclasses.replace(
+                o, memory=dataclasses.replace(o.memory, merge_in_place=False)
+            )
         # --- unlabelled data, teachers, task vectors and their statistics ------------------------
         with self.profile("load unlabelled data"):
             images, data_read = load_unlabelled(modelpool, tasks, self.clip_processor, o, guard)
@@ -216,14 +235,18 @@ class StatsMergingForCLIP(
                 o.memory.merge_in_place
             ):  # theta_0 as loaded (without the in-place merges' rounding),
                 with self.profile("reload pretrained model"):  # then merged in its own storage
-                    base.load_state_dict(load_pool_model(modelpool, PRETRAINED).state_dict())
+                    theta_0 = load_pool_model(modelpool, PRETRAINED).to(self.compute_dtype)
+                    base.load_state_dict(theta_0.state_dict())
+                    del theta_0
                 check_finite("merged model", target.merge_(coefficients))
             else:
                 merged_state = target.state(coefficients)
                 check_finite("merged model", merged_state)
                 base.load_state_dict(merged_state, strict=False)
+        base.to(pool_dtype)  # the merged model in the pool's dtype (a no-op by default)
         summary = {
             "method": "statsmerging",
+            "dtypes": {"pool": str(pool_dtype), "compute": str(self.compute_dtype)},
             "granularity": o.granularity,
             "learner": o.learner,
             "tasks": tasks,
@@ -317,6 +340,7 @@ class StatsMergingForCLIP(
         ):
             with self.profile("load task models"):
                 model = load_pool_model(self.modelpool, task)  # validated before data loading
+                model.to(self.compute_dtype)
                 state = trainable_state(model)
                 check_compatible(PRETRAINED, base_state, task, state)
                 model = self.to_device(model).eval()
