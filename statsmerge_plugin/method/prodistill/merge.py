@@ -93,15 +93,19 @@ def block_loss(
             f"student and teacher outputs differ in shape: {tuple(student.shape)} vs "
             f"{tuple(teacher.shape)}"
         )
-    sq = (student.float() - teacher.float()).pow(2)  # float32 also for half-precision passes
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(
+            f"invalid value {reduction!r} for option `loss_reduction`: {LOSS_REDUCTIONS}"
+        )
+    diff = student - teacher
     if mask is not None:
-        keep = mask.to(torch.bool).reshape(mask.shape + (1,) * (sq.dim() - mask.dim()))
-        sq = sq.masked_fill(~keep, 0.0)  # not a product: a non-finite padded value stays out
-    if reduction == "sum":
-        return sq.sum()
-    if reduction == "mean":
-        return sq.sum() / max(1, student.shape[0])
-    raise ValueError(f"invalid value {reduction!r} for option `loss_reduction`: {LOSS_REDUCTIONS}")
+        keep = mask.to(torch.bool).reshape(mask.shape + (1,) * (diff.dim() - mask.dim()))
+        diff = diff.masked_fill(~keep, 0.0)  # not a product: a non-finite padded value stays out
+    if diff.dtype == torch.float32:
+        total = diff.pow(2).sum()
+    else:  # half-precision features: the squares summed in float32 (no float32 copy of the batch)
+        total = torch.sum(diff * diff, dtype=torch.float32)
+    return total if reduction == "sum" else total / max(1, student.shape[0])
 
 
 class _ElementwiseMerge(torch.autograd.Function):
@@ -118,13 +122,23 @@ class _ElementwiseMerge(torch.autograd.Function):
     def forward(ctx, base: Tensor, weights: Tensor, coefficients: Tensor) -> Tensor:
         ctx.save_for_backward(base, weights)
         b = base.to(torch.float32)
-        return b + (coefficients * (weights.to(torch.float32) - b)).sum(dim=0)
+        if weights.dtype == torch.float32:
+            return b + (coefficients * (weights - b)).sum(dim=0)
+        out = b.clone()  # half-precision weights: one task's float32 τ at a time, not T of them
+        for i in range(weights.shape[0]):
+            out.add_(coefficients[i] * (weights[i].to(torch.float32) - b))
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         base, weights = ctx.saved_tensors
         b = base.to(torch.float32)
-        return None, None, grad.unsqueeze(0) * (weights.to(torch.float32) - b)
+        if weights.dtype == torch.float32:
+            return None, None, grad.unsqueeze(0) * (weights - b)
+        out = torch.empty(weights.shape, dtype=torch.float32, device=grad.device)
+        for i in range(weights.shape[0]):
+            torch.mul(grad, weights[i].to(torch.float32) - b, out=out[i])
+        return None, None, out
 
 
 def merge_from_weights(
