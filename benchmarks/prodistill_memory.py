@@ -112,13 +112,11 @@ def pool_of(root: Path, tasks=TASKS, torch_dtype=None):
     )
 
 
-def run(root: Path, shots: int, epochs: int, batch_size: int) -> dict:
-    """Run ProDistill on the pool in ``root`` (in this process) and measure it."""
-    import torch
-
+def measured_run(pool, shots: int, epochs: int, batch_size: int):
+    """ProDistill on ``pool`` in this process: ``(algorithm, merged model, peak RSS before run()
+    in MiB, seconds of run())``."""
     from statsmerge_plugin.method.prodistill import ProDistillForCLIP
 
-    pool = pool_of(root)
     algorithm = ProDistillForCLIP(
         shots_per_task=shots, epochs_per_block=epochs, batch_size=batch_size
     )
@@ -126,7 +124,14 @@ def run(root: Path, shots: int, epochs: int, batch_size: int) -> dict:
     baseline = rss_peak_mb()
     start = time.perf_counter()
     merged = algorithm.run(pool)
-    seconds = time.perf_counter() - start
+    return algorithm, merged, baseline, time.perf_counter() - start
+
+
+def run(root: Path, shots: int, epochs: int, batch_size: int) -> dict:
+    """Run ProDistill on the pool in ``root`` (in this process) and measure it."""
+    import torch
+
+    algorithm, merged, baseline, seconds = measured_run(pool_of(root), shots, epochs, batch_size)
     model_mb = sum(p.numel() * p.element_size() for p in merged.parameters()) / 2**20
     return {
         "blocks": len(merged.vision_model.encoder.layers),

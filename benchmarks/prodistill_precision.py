@@ -28,28 +28,18 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prodistill_memory import TASKS, build, pool_of, rss_peak_mb  # noqa: E402
+from prodistill_memory import TASKS, build, measured_run, pool_of, rss_peak_mb  # noqa: E402
 
 
 def run(root: Path, tasks, dtype, shots: int, epochs: int, batch_size: int) -> dict:
     """ProDistill on the pool in ``root`` loaded in ``dtype`` (``None``: as stored), measured."""
     import torch
 
-    from statsmerge_plugin.method.prodistill import ProDistillForCLIP
-
     pool = pool_of(root, tasks, torch_dtype=dtype)
-    algorithm = ProDistillForCLIP(
-        shots_per_task=shots, epochs_per_block=epochs, batch_size=batch_size
-    )
-    _ = algorithm.fabric  # create Fabric before measuring
-    baseline = rss_peak_mb()
-    start = time.perf_counter()
-    merged = algorithm.run(pool)
-    seconds = time.perf_counter() - start
+    algorithm, merged, baseline, seconds = measured_run(pool, shots, epochs, batch_size)
     block = algorithm.report["blocks"][0]
     return {
         "pool_dtype": dtype or "float32",

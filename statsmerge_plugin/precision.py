@@ -43,9 +43,3 @@ def resolve_compute_dtype(value: Optional[str], pool_dtype: torch.dtype) -> torc
 
 def is_low_precision(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16)
-
-
-def wide(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` in float32 if it is in half precision (for sums and products that must not round
-    at every term), else itself."""
-    return tensor.float() if is_low_precision(tensor.dtype) else tensor

@@ -163,7 +163,7 @@ class ProDistillEngine(
         names = [layout.block_prefix(index) + n for n in local_names]
         dtype, shard = self._compute_dtype, self._shard
 
-        # 1. weights of this block only: θ0 and every θ_i (stored dtype), and the teacher pass
+        # 1. weights of this block only: θ0 and every θ_i (compute dtype), and the teacher pass
         with self.profile("load block + teacher pass"):
             base = _local(self.to_device_all(readers[PRETRAINED].read(names, dtype)), index, layout)
             weights = {

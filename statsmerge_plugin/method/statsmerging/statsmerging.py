@@ -192,16 +192,16 @@ class StatsMergingForCLIP(
         with self.profile("load pretrained model"):
             base = load_pool_model(modelpool, PRETRAINED)
             pool_dtype = module_dtype(base)
-            self.compute_dtype = resolve_compute_dtype(o.compute_dtype, pool_dtype)
-            base.requires_grad_(False).to(self.compute_dtype)
+            self._compute_dtype = resolve_compute_dtype(o.compute_dtype, pool_dtype)
+            base.requires_grad_(False).to(self._compute_dtype)
             base_state = trainable_state(base)
             check_finite(PRETRAINED, base_state)
             names = list(base_state)
         with self.profile("validate task models"):
             self.validate_task_models(tasks, base)
-        if o.memory.merge_in_place and is_low_precision(self.compute_dtype):
+        if o.memory.merge_in_place and is_low_precision(self._compute_dtype):
             log.warning(
-                f"StatsMerging: memory.merge_in_place is off for {self.compute_dtype} compute (an "
+                f"StatsMerging: memory.merge_in_place is off for {self._compute_dtype} compute (an "
                 "in-place merge undone in half precision does not give theta_0 back exactly); each "
                 "step's merged tensors are built beside theta_0"
             )
@@ -235,7 +235,7 @@ class StatsMergingForCLIP(
                 o.memory.merge_in_place
             ):  # theta_0 as loaded (without the in-place merges' rounding),
                 with self.profile("reload pretrained model"):  # then merged in its own storage
-                    theta_0 = load_pool_model(modelpool, PRETRAINED).to(self.compute_dtype)
+                    theta_0 = load_pool_model(modelpool, PRETRAINED).to(self._compute_dtype)
                     base.load_state_dict(theta_0.state_dict())
                     del theta_0
                 check_finite("merged model", target.merge_(coefficients))
@@ -246,7 +246,7 @@ class StatsMergingForCLIP(
         base.to(pool_dtype)  # the merged model in the pool's dtype (a no-op by default)
         summary = {
             "method": "statsmerging",
-            "dtypes": {"pool": str(pool_dtype), "compute": str(self.compute_dtype)},
+            "dtypes": {"pool": str(pool_dtype), "compute": str(self._compute_dtype)},
             "granularity": o.granularity,
             "learner": o.learner,
             "tasks": tasks,
@@ -340,7 +340,7 @@ class StatsMergingForCLIP(
         ):
             with self.profile("load task models"):
                 model = load_pool_model(self.modelpool, task)  # validated before data loading
-                model.to(self.compute_dtype)
+                model.to(self._compute_dtype)
                 state = trainable_state(model)
                 check_compatible(PRETRAINED, base_state, task, state)
                 model = self.to_device(model).eval()
