@@ -131,6 +131,9 @@ class StatsMergingForCLIP(
             each is moved to its group key with a warning (:data:`~.options.FLAT_KEYS`).
     """
 
+    #: the dtype of weights, task vectors and activations (resolved from the pool in ``run``)
+    _compute_dtype: torch.dtype = torch.float32
+
     def __init__(
         self,
         granularity: str = "layer_wise",
