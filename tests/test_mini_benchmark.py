@@ -141,6 +141,54 @@ def test_build_key_ignores_run_knobs_and_source_code():
     assert "num_threads" not in key_fields(recipe) and "ft_lr" in key_fields(recipe)
 
 
+def test_domain_knobs_are_keyed_only_when_set():
+    """The domain-shift knobs (added for r3) leave every earlier key as it was at their neutral
+    values, and change it when set."""
+    from statsmerge_plugin.mini.recipe import key_fields
+
+    recipe = get_recipe("default")
+    assert not {"domain_shift", "rare_frac", "common_shift"} & set(key_fields(recipe))
+    assert build_key(recipe, "default", 0, TASK_NAMES).endswith("-948f1f03f9d5")  # r2's default
+    key = build_key(recipe, "default", 0, TASK_NAMES)
+    for knob, value in (("domain_shift", 1.0), ("rare_frac", 0.3), ("common_shift", 0.5)):
+        changed = recipe.replace(**{knob: value})
+        assert key_fields(changed)[knob] == value
+        assert build_key(changed, "default", 0, TASK_NAMES) != key
+
+
+def test_pretraining_domain_of_rare_and_common_tasks():
+    from statsmerge_plugin.mini.data import generate_split
+    from statsmerge_plugin.mini.domain import (
+        RARE_DOMAIN_TASKS,
+        check_domain_knobs,
+        pretrain_pool,
+        render_shifted,
+    )
+
+    rare = generate_split("mini_svhn", "pretrain", 4, seed=0)
+    common = generate_split("mini_sun397", "pretrain", 4, seed=0)
+    assert "mini_svhn" in RARE_DOMAIN_TASKS and "mini_sun397" not in RARE_DOMAIN_TASKS
+    for split, task in ((rare, "mini_svhn"), (common, "mini_sun397")):  # neutral: unchanged
+        same = pretrain_pool(task, split, 0.0, 1.0, 0.0)
+        assert np.array_equal(same.images, split.images)
+        assert np.array_equal(same.labels, split.labels)
+    shifted = pretrain_pool("mini_svhn", rare, 1.0, 0.5, 0.0)
+    assert len(shifted.labels) == 20 and np.array_equal(shifted.labels, rare.labels[:20])
+    grey = shifted.images.astype(int)  # full shift: grey (equal channels) thumbnails
+    assert np.abs(grey[..., 0] - grey[..., 1]).max() <= 1
+    assert np.array_equal(pretrain_pool("mini_sun397", common, 1.0, 0.5, 0.0).images, common.images)
+    assert not np.array_equal(
+        pretrain_pool("mini_sun397", common, 0.0, 1.0, 0.5).images, common.images
+    )
+    assert render_shifted(rare.images, 0.5).shape == rare.images.shape
+    with pytest.raises(ValueError, match="domain_shift"):
+        check_domain_knobs(1.5, 1.0)
+    with pytest.raises(ValueError, match="rare_frac"):
+        check_domain_knobs(0.5, 0.0)
+    with pytest.raises(ValueError, match="common_shift"):
+        check_domain_knobs(0.5, 1.0, -0.1)
+
+
 def test_build_made_before_a_pure_refactor_is_reused_after_it(tmp_path):
     """Rename a function in a copy of ``mini/`` (a pure refactor): the old build is found."""
     import shutil

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
 
+from .domain import pretrain_pool
 from .recipe import RECIPE_VERSION, Recipe, build_key, get_recipe, library_versions, pretrain_key
 from .store import read_manifest  # noqa: F401 (part of this module's API: tests, callers)
 from .store import build_digests, cached_build, check_root, default_root, file_lock, torch_threads
@@ -104,6 +105,13 @@ def build_into(
         splits[task] = {
             part: data.generate_split(task, part, n, seed) for part, n in data.sizes(recipe).items()
         }
+        splits[task]["pretrain"] = pretrain_pool(
+            task,
+            splits[task]["pretrain"],
+            recipe.domain_shift,
+            recipe.rare_frac,
+            recipe.common_shift,
+        )
         for part in data.SPLITS:
             data.save_split(splits[task][part], task, out / "data" / task / part)
     t = _stage(timings, "data", t)

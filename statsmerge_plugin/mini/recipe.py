@@ -16,8 +16,11 @@ RECIPE_VERSION = 2
 STAGES = ("data", "model", "pretrain", "finetune")
 
 
-def _knob(default, stage: str):
-    return field(default=default, metadata={"stage": stage})
+def _knob(default, stage: str, keyed_when_set: bool = False):
+    """A recipe field. ``keyed_when_set``: a knob added after ``RECIPE_VERSION`` 2 that enters the
+    build key only away from its default (its neutral value), so that every earlier build keeps its
+    key and weights."""
+    return field(default=default, metadata={"stage": stage, "keyed_when_set": keyed_when_set})
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,11 @@ class Recipe:
     pair_frac: float = _knob(0.6, "pretrain")
     # how often an image of such a pair is captioned as its partner (0.5: blurred, > 0.5: confused)
     pair_swap: float = _knob(0.65, "pretrain")
+    # the rare-domain tasks' pretraining images: how far they are rendered from the tasks' own
+    # domain and which fraction is kept; the common tasks' rendering shift (``domain.py``)
+    domain_shift: float = _knob(0.0, "pretrain", keyed_when_set=True)
+    rare_frac: float = _knob(1.0, "pretrain", keyed_when_set=True)
+    common_shift: float = _knob(0.0, "pretrain", keyed_when_set=True)
     # fine-tuning of the vision tower against the frozen zero-shot head
     ft_steps: int = _knob(500, "finetune")
     ft_batch: int = _knob(32, "finetune")
@@ -106,6 +114,7 @@ def key_fields(recipe: Recipe, stages: Sequence[str] = STAGES) -> Dict:
         f.name: getattr(recipe, f.name)
         for f in dataclasses.fields(recipe)
         if f.metadata.get("stage", "run") in stages
+        and not (f.metadata.get("keyed_when_set") and getattr(recipe, f.name) == f.default)
     }
 
 
