@@ -221,11 +221,6 @@ class DualStreamCache:
         for start in range(0, len(indices), batch_size):
             yield indices[start : start + batch_size]
 
-    def shuffled_batches(self, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-        """One epoch of mixed-task minibatch indices (spec §1.1 "Batch size")."""
-        perm = torch.randperm(len(self), generator=generator)
-        yield from self.chunks(perm, batch_size)
-
     def gather(self, stream: str, indices: Tensor) -> Tensor:
         """Rows ``indices`` of ``stream`` on the compute device.
 
