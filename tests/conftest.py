@@ -88,7 +88,6 @@ def smoke_mini(smoke_mini_root) -> dict:
     manifest = build_mini_benchmark(
         root=smoke_mini_root,
         preset="smoke",
-        recipe=recipe.replace(num_threads=1),  # a run knob, not part of the key
         progress=False,
     )
     # where the builder (and ${mini_clip:} with preset smoke, seed 0) looks for the smoke preset

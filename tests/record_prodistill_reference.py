@@ -1,11 +1,15 @@
 """Record the vision ProDistill's merged weights (sha256 per tensor) on the tiny CLIP pool, the tiny
 OpenCLIP pool and the mini smoke build, as the reference for ``test_prodistill_reference.py``.
 
-Run once on the code *before* a refactor of the block engine (it was run at commit 41554c0, before the
+Run on the code *before* a refactor of the block engine (the code of 41554c0, before the
 language-model adapters) and commit ``tests/data/prodistill_vision_reference.json``; the test then
-checks that the refactored engine gives the same bits:
+checks that the refactored engine gives the same bits. The bits depend on the machine's CPU kernels,
+so the file holds one reference per kind of machine; this script adds (or replaces) the entry of the
+machine it runs on. With the old code importable first:
 
-    python tests/record_prodistill_reference.py tests/data/prodistill_vision_reference.json
+    git worktree add /tmp/old 41554c0
+    PYTHONPATH=/tmp/old python tests/record_prodistill_reference.py \
+        tests/data/prodistill_vision_reference.json --machine "what CPU this is"
 """
 
 from __future__ import annotations
@@ -66,7 +70,9 @@ def smoke_mini_pool(root: Path, mini_root: Path = None):
     build_mini_benchmark(
         root=mini_root,
         preset="smoke",
-        recipe=get_recipe("smoke").replace(num_threads=1),
+        recipe=get_recipe("smoke").replace(
+            num_threads=1
+        ),  # as recorded (the old code's default: 2)
         progress=False,
     )
     os.environ["STATSMERGE_MINI_ROOT"] = str(mini_root)  # read by the pool YAML's resolver
@@ -97,14 +103,37 @@ def run(pool) -> dict:
     return digest(ProDistillForCLIP(**OPTIONS).run(pool))
 
 
-def main(out: str) -> None:
+def main(out: str, machine: str, recorded_at: str) -> None:
+    import importlib.util
+
+    # this checkout's store.py (it imports nothing else of the package): the old code has no probe
+    store = Path(__file__).resolve().parents[1] / "statsmerge_plugin/mini/store.py"
+    spec = importlib.util.spec_from_file_location("_store", store)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    entry = {"machine": machine, "numerics": module.numerics_fingerprint(1)}
+    entry["torch"] = torch.__version__
+    entry["recorded_at"] = recorded_at
     with tempfile.TemporaryDirectory() as tmp:
-        record = {"options": OPTIONS, "torch": torch.__version__, "pools": {}}
+        entry["pools"] = {}
         for name, build in POOLS.items():
-            record["pools"][name] = run(build(Path(tmp)))
-            print(name, len(record["pools"][name]), "tensors")
-    Path(out).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+            entry["pools"][name] = run(build(Path(tmp)))
+            print(name, len(entry["pools"][name]), "tensors")
+    path = Path(out)
+    record = json.loads(path.read_text()) if path.exists() else {"references": []}
+    if record.setdefault("options", OPTIONS) != OPTIONS:
+        raise SystemExit(f"{out} was recorded with other options: {record['options']}")
+    record["references"] = [r for r in record["references"] if r["numerics"] != entry["numerics"]]
+    record["references"].append(entry)
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out")
+    parser.add_argument("--machine", required=True, help="the CPU, e.g. 'AMD EPYC, AVX512'")
+    parser.add_argument("--recorded-at", default="41554c0", help="the commit of the code that ran")
+    args = parser.parse_args()
+    main(args.out, args.machine, args.recorded_at)

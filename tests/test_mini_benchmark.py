@@ -132,13 +132,47 @@ def test_build_key_tracks_recipe_seed_and_tasks():
     assert key.startswith("mini-clip-r") and "-smoke-s0-t2-" in key
 
 
-def test_build_key_ignores_run_knobs_and_source_code():
+def test_build_key_ignores_run_knobs_but_not_the_effective_thread_count():
     from statsmerge_plugin.mini.recipe import key_fields
+    from statsmerge_plugin.mini.store import effective_threads
 
-    recipe = get_recipe("smoke")
-    key = build_key(recipe, "smoke", 0, PAIR)
-    assert build_key(recipe.replace(num_threads=1, evaluate=False), "smoke", 0, PAIR) == key
+    recipe = get_recipe("default")
+    key = build_key(recipe, "default", 0, PAIR)
+    assert (
+        build_key(recipe.replace(evaluate=False, evaluate_merges=False), "default", 0, PAIR) == key
+    )
     assert "num_threads" not in key_fields(recipe) and "ft_lr" in key_fields(recipe)
+    # torch's kernels reduce in a thread-dependent order: another effective count, another key
+    one = build_key(recipe.replace(num_threads=1), "default", 0, PAIR)
+    assert (one == key) == (effective_threads(2) == 1)
+    many = recipe.replace(num_threads=10_000)  # capped at this machine's cores
+    assert build_key(many, "default", 0, PAIR) == build_key(
+        recipe.replace(num_threads=effective_threads(10_000)), "default", 0, PAIR
+    )
+
+
+def test_smoke_builds_at_another_thread_count_get_their_own_key(tmp_path):
+    """Same key, same bytes: a smoke build at one thread (the preset's) and at two threads never
+    share a directory; each build records the thread count it ran with."""
+    from statsmerge_plugin.mini.store import effective_threads
+
+    one = PAIR[:1]
+    recipe = get_recipe("smoke")
+    a = build_mini_benchmark(root=tmp_path, preset="smoke", tasks=one, progress=False)
+    b = build_mini_benchmark(
+        root=tmp_path,
+        preset="smoke",
+        tasks=one,
+        recipe=recipe.replace(num_threads=2),
+        progress=False,
+    )
+    if effective_threads(2) == 1:  # one core: both ran with one thread, the same build
+        assert a["path"] == b["path"]
+        return
+    assert a["path"] != b["path"] and a["torch_threads"] == 1 and b["torch_threads"] == 2
+    assert read_manifest(Path(a["path"])) is not None  # the one-thread build is kept
+    assert a["digests"]["data"] == b["digests"]["data"]  # the data never depend on threads
+    assert b["digests"] == build_digests(Path(b["path"]))
 
 
 def test_domain_knobs_are_keyed_only_when_set():
@@ -148,7 +182,6 @@ def test_domain_knobs_are_keyed_only_when_set():
 
     recipe = get_recipe("default")
     assert not {"domain_shift", "rare_frac", "common_shift"} & set(key_fields(recipe))
-    assert build_key(recipe, "default", 0, TASK_NAMES).endswith("-948f1f03f9d5")  # r2's default
     key = build_key(recipe, "default", 0, TASK_NAMES)
     for knob, value in (("domain_shift", 1.0), ("rare_frac", 0.3), ("common_shift", 0.5)):
         changed = recipe.replace(**{knob: value})
@@ -563,3 +596,18 @@ def test_mini_pool_banner_states_the_recipes_split_sizes():
         for m in re.finditer(r"#\s+(\w+)_datasets\s.*?\((\d+) images/class\)", path.read_text())
     }
     assert banner == {"train": recipe.n_train, "val": recipe.n_val, "test": recipe.n_test}
+
+
+def test_build_key_names_this_machine_numerics(monkeypatch):
+    """Same key, same bytes across machines: the key holds the fingerprint of this machine's float32
+    kernels (another CPU kind builds other weights), recomputed identically on every call."""
+    from statsmerge_plugin.mini import store
+
+    recipe = get_recipe("default")
+    key = build_key(recipe, "default", 0, PAIR)
+    probe = store.numerics_fingerprint.__wrapped__  # uncached: computed again from scratch
+    assert probe(2) == probe(2) == store.numerics_fingerprint(2)
+    if store.effective_threads(2) == 2:
+        assert probe(1) != probe(2)  # thread-dependent reduction order, as in the builds
+    monkeypatch.setattr(store, "numerics_fingerprint", lambda n: "another-cpu")
+    assert build_key(recipe, "default", 0, PAIR) != key

@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Dict, Sequence
 
+from .store import thread_key
+
 # The recipe's version: part of every build key. Bump it whenever what a knob means, or what the
 # data generators and training code produce for the same knobs, changes (a pure refactor does not).
 RECIPE_VERSION = 2
@@ -59,7 +61,8 @@ class Recipe:
     ft_batch: int = _knob(32, "finetune")
     ft_lr: float = _knob(2e-4, "finetune")
     ft_wd: float = _knob(0.0, "finetune")
-    # evaluation through FusionBench written into the manifest, and torch threads (not in the key)
+    # evaluation through FusionBench written into the manifest; torch threads (in the key as the
+    # effective count, only when it is not 2: ``store.thread_key``)
     evaluate: bool = _knob(True, "run")
     evaluate_merges: bool = _knob(True, "run")
     num_threads: int = _knob(2, "run")
@@ -88,6 +91,7 @@ PRESETS: Dict[str, Recipe] = {
         pretrain_batch=64,
         ft_steps=8,
         ft_batch=16,
+        num_threads=1,  # tiny models: one thread is as fast, and the weights are the same anywhere
     ),
 }
 
@@ -122,8 +126,9 @@ def build_key(recipe: Recipe, preset: str, seed: int, tasks: Sequence[str]) -> s
     """Directory name of a build.
 
     Keyed on what determines the data and weights: the recipe's fields, ``RECIPE_VERSION``, the
-    seed, the task subset and the library versions; not on the source code, so that a refactor
-    keeps every build. A change of what a knob *means* must bump ``RECIPE_VERSION``.
+    seed, the task subset, the library versions and the effective thread count
+    (:func:`.store.thread_key`); not on the source code, so that a refactor keeps every build. A
+    change of what a knob *means* must bump ``RECIPE_VERSION``.
     """
     payload = {
         "version": RECIPE_VERSION,
@@ -131,6 +136,7 @@ def build_key(recipe: Recipe, preset: str, seed: int, tasks: Sequence[str]) -> s
         "seed": seed,
         "tasks": list(tasks),
         "libraries": library_versions(),
+        **thread_key(recipe.num_threads),
     }
     return f"mini-clip-r{RECIPE_VERSION}-{preset}-s{seed}-t{len(tasks)}-{_digest(payload)}"
 
@@ -144,5 +150,6 @@ def pretrain_key(recipe: Recipe, seed: int, tasks: Sequence[str]) -> str:
         "seed": seed,
         "tasks": list(tasks),
         "libraries": library_versions(),
+        **thread_key(recipe.num_threads),
     }
     return f"pretrain-r{RECIPE_VERSION}-s{seed}-t{len(tasks)}-{_digest(payload)}"

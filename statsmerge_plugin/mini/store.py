@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -63,12 +64,56 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def effective_threads(n: int) -> int:
+    """The torch thread count a build asking for ``n`` threads runs with on this machine."""
+    return max(1, min(int(n), os.cpu_count() or 1))
+
+
+@functools.lru_cache(maxsize=None)
+def numerics_fingerprint(n: int) -> str:
+    """sha256 (12 hex digits) of the float32 bits a fixed training step gives on this machine with
+    ``effective_threads(n)`` threads: linear layers of the mini models' widths, layer norm,
+    softmax attention, a patch convolution, cross-entropy, backward and an AdamW step.
+
+    The bits of a build depend on the CPU kernels torch dispatches to (vendor, vector ISA, BLAS
+    code path) and on how many threads split their sums; a machine whose probe gives other bits
+    builds other weights. The probe covers the op types, not every shape, so the manifest's
+    digests stay the real check (``docs/mini-benchmark.md``, "Layout and caching")."""
+    import torch
+
+    with torch_threads(n), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(3, 128, 8, 8)
+        attn = torch.nn.MultiheadAttention(128, 4, batch_first=True)
+        mlp = torch.nn.Sequential(
+            torch.nn.LayerNorm(128), torch.nn.Linear(128, 512), torch.nn.GELU(),
+            torch.nn.Linear(512, 128), torch.nn.LayerNorm(128), torch.nn.Linear(128, 64),
+        )  # fmt: skip
+        params = [*conv.parameters(), *attn.parameters(), *mlp.parameters()]
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
+        images, labels = torch.randn(48, 3, 32, 32), torch.randint(0, 64, (48,))
+        tokens = conv(images).flatten(2).transpose(1, 2)
+        logits = mlp(attn(tokens, tokens, tokens, need_weights=False)[0]).mean(1)
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        opt.step()
+        h = hashlib.sha256(logits.detach().numpy().tobytes())
+        for p in params:
+            h.update(p.detach().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def thread_key(n: int) -> dict:
+    """The build-key entry of the machine a build asking for ``n`` threads runs on: the effective
+    thread count and :func:`numerics_fingerprint` (same key, same bytes, on any machine)."""
+    return {"threads": effective_threads(n), "numerics": numerics_fingerprint(n)}
+
+
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     import torch
 
     old = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(n, os.cpu_count() or 1)))
+    torch.set_num_threads(effective_threads(n))
     try:
         yield
     finally:

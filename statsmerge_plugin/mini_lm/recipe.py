@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Dict
 
+from ..mini.store import thread_key
+
 # Part of every build key. Bump it whenever what a knob means, or what the generators and the
 # training code produce for the same knobs, changes (a pure refactor does not).
 RECIPE_VERSION = 1
@@ -92,13 +94,15 @@ def key_fields(recipe: Recipe) -> Dict:
 
 
 def build_key(recipe: Recipe, preset: str, seed: int) -> str:
-    """Directory name of a build: keyed on the recipe's build knobs, ``RECIPE_VERSION``, the seed
-    and the library versions (not on the source code, so that a refactor keeps every build)."""
+    """Directory name of a build: keyed on the recipe's build knobs, ``RECIPE_VERSION``, the seed,
+    the library versions and the effective thread count (``mini.store.thread_key``); not on the source code, so that a refactor keeps every build.
+    """
     payload = {
         "version": RECIPE_VERSION,
         "recipe": key_fields(recipe),
         "seed": seed,
         "libraries": library_versions(),
+        **thread_key(recipe.num_threads),
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
     return f"mini-lm-r{RECIPE_VERSION}-{preset}-s{seed}-{digest}"
