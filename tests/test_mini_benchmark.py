@@ -181,9 +181,14 @@ def test_domain_knobs_are_keyed_only_when_set():
     from statsmerge_plugin.mini.recipe import key_fields
 
     recipe = get_recipe("default")
-    assert not {"domain_shift", "rare_frac", "common_shift"} & set(key_fields(recipe))
+    assert not {"domain_shift", "rare_frac", "common_shift", "shift_grey"} & set(key_fields(recipe))
     key = build_key(recipe, "default", 0, TASK_NAMES)
-    for knob, value in (("domain_shift", 1.0), ("rare_frac", 0.3), ("common_shift", 0.5)):
+    for knob, value in (
+        ("domain_shift", 1.0),
+        ("rare_frac", 0.3),
+        ("common_shift", 0.5),
+        ("shift_grey", 0.0),
+    ):
         changed = recipe.replace(**{knob: value})
         assert key_fields(changed)[knob] == value
         assert build_key(changed, "default", 0, TASK_NAMES) != key
@@ -214,6 +219,15 @@ def test_pretraining_domain_of_rare_and_common_tasks():
         pretrain_pool("mini_sun397", common, 0.0, 1.0, 0.5).images, common.images
     )
     assert render_shifted(rare.images, 0.5).shape == rare.images.shape
+    # shift_grey: 1.0 is the default rendering; 0 keeps the colours of a low-resolution thumbnail
+    assert np.array_equal(render_shifted(rare.images, 0.7, 1.0), render_shifted(rare.images, 0.7))
+    thumb = render_shifted(rare.images, 1.0, 0.0).astype(int)
+    assert np.abs(thumb[..., 0] - thumb[..., 1]).max() > 10
+    assert not np.array_equal(thumb, rare.images.astype(int))
+    assert thumb.shape == rare.images.shape
+    assert np.array_equal(thumb[:, 0::2, 0::2], thumb[:, 1::2, 1::2])  # 2x2 blocks of one colour
+    with pytest.raises(ValueError, match="shift_grey"):
+        check_domain_knobs(0.5, 1.0, 0.0, 1.5)
     with pytest.raises(ValueError, match="domain_shift"):
         check_domain_knobs(1.5, 1.0)
     with pytest.raises(ValueError, match="rare_frac"):

@@ -111,6 +111,7 @@ def build_into(
             recipe.domain_shift,
             recipe.rare_frac,
             recipe.common_shift,
+            recipe.shift_grey,
         )
         for part in data.SPLITS:
             data.save_split(splits[task][part], task, out / "data" / task / part)

@@ -14,11 +14,19 @@ the five with the lowest zero-shot accuracy on the real ViT-B/32):
     box-downsampled to ``32 * (1 - domain_shift / 2)`` pixels and back (web thumbnails);
 ``common_shift``
     the same rendering, usually milder, for the other (common-domain) tasks: real CLIP is far from
-    perfect on SUN397, Cars and RESISC45 too (60-65 % zero-shot).
+    perfect on SUN397, Cars and RESISC45 too (60-65 % zero-shot);
+``shift_grey``
+    in ``[0, 1]``, how much of either shift is colour loss: colour is mixed toward grey by
+    ``shift_grey * shift`` while the downsampling keeps the full ``shift``. At 1.0 (its default)
+    colour and resolution move together as above; at 0 a shifted image keeps its colours and is
+    only a low-resolution thumbnail. Real web thumbnails of satellite scenes keep their colours,
+    and a task whose classes differ mostly by colour (the EuroSAT analogue) otherwise has to build
+    colour features in its fine-tune that trimming then removes (``docs/mini-benchmark.md``, r3
+    search).
 
 Captions are never changed by these knobs. At their neutral values (``domain_shift=0``,
-``rare_frac=1``, ``common_shift=0``) the pretraining pool is exactly r2's, and the knobs stay out of
-the build key (``recipe.py``), so every r2 build keeps its key.
+``rare_frac=1``, ``common_shift=0``, ``shift_grey=1``) the pretraining pool is exactly r2's, and
+the knobs stay out of the build key (``recipe.py``), so every earlier build keeps its key.
 """
 
 from __future__ import annotations
@@ -29,23 +37,32 @@ from PIL import Image
 RARE_DOMAIN_TASKS = ("mini_eurosat", "mini_svhn", "mini_gtsrb", "mini_mnist", "mini_dtd")
 
 
-def check_domain_knobs(domain_shift: float, rare_frac: float, common_shift: float = 0.0) -> None:
+def check_domain_knobs(
+    domain_shift: float, rare_frac: float, common_shift: float = 0.0, shift_grey: float = 1.0
+) -> None:
     """Raise ``ValueError`` naming the recipe knob out of its range."""
-    for name, value in (("domain_shift", domain_shift), ("common_shift", common_shift)):
+    for name, value in (
+        ("domain_shift", domain_shift),
+        ("common_shift", common_shift),
+        ("shift_grey", shift_grey),
+    ):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"recipe knob {name} must be in [0, 1], got {value}")
     if not 0.0 < rare_frac <= 1.0:
         raise ValueError(f"recipe knob rare_frac must be in (0, 1], got {rare_frac}")
 
 
-def render_shifted(images: np.ndarray, domain_shift: float) -> np.ndarray:
+def render_shifted(images: np.ndarray, domain_shift: float, shift_grey: float = 1.0) -> np.ndarray:
     """``(N, H, W, 3)`` uint8 images in the pretraining domain of a rare task (module doc)."""
     if domain_shift == 0.0:
         return images
-    x = images.astype(np.float32)
-    grey = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    x = (1.0 - domain_shift) * x + domain_shift * grey[..., None]
-    out = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    out = images
+    mix = shift_grey * domain_shift
+    if mix > 0.0:
+        x = images.astype(np.float32)
+        grey = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        x = (1.0 - mix) * x + mix * grey[..., None]
+        out = np.clip(np.rint(x), 0, 255).astype(np.uint8)
     size = images.shape[1]
     low = max(4, int(round(size * (1.0 - domain_shift / 2))))
     if low < size:
@@ -62,16 +79,21 @@ def render_shifted(images: np.ndarray, domain_shift: float) -> np.ndarray:
     return out
 
 
-def pretrain_pool(task: str, split, domain_shift: float, rare_frac: float, common_shift=0.0):
+def pretrain_pool(
+    task: str, split, domain_shift: float, rare_frac: float, common_shift=0.0, shift_grey=1.0
+):
     """``split`` (a :class:`~.data.Split` of the ``pretrain`` part) as the pretraining pool shows
-    ``task``: unchanged for the common tasks; subsampled (class-balanced, first images kept) and
-    re-rendered for the rare-domain ones."""
-    check_domain_knobs(domain_shift, rare_frac, common_shift)
+    ``task``: re-rendered by ``common_shift`` for the common tasks; subsampled (class-balanced,
+    first images kept) and re-rendered by ``domain_shift`` for the rare-domain ones."""
+    check_domain_knobs(domain_shift, rare_frac, common_shift, shift_grey)
     if task not in RARE_DOMAIN_TASKS:
-        return type(split)(images=render_shifted(split.images, common_shift), labels=split.labels)
+        return type(split)(
+            images=render_shifted(split.images, common_shift, shift_grey), labels=split.labels
+        )
     num_classes = int(split.labels.max()) + 1
     keep = max(num_classes, int(round(rare_frac * len(split.labels))))
     keep -= keep % num_classes  # whole rounds of the class-interleaved order
     return type(split)(
-        images=render_shifted(split.images[:keep], domain_shift), labels=split.labels[:keep]
+        images=render_shifted(split.images[:keep], domain_shift, shift_grey),
+        labels=split.labels[:keep],
     )

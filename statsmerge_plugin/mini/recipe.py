@@ -52,10 +52,12 @@ class Recipe:
     # how often an image of such a pair is captioned as its partner (0.5: blurred, > 0.5: confused)
     pair_swap: float = _knob(0.65, "pretrain")
     # the rare-domain tasks' pretraining images: how far they are rendered from the tasks' own
-    # domain and which fraction is kept; the common tasks' rendering shift (``domain.py``)
+    # domain and which fraction is kept; the common tasks' rendering shift; how much of a shift
+    # is colour loss (``domain.py``)
     domain_shift: float = _knob(0.0, "pretrain", keyed_when_set=True)
     rare_frac: float = _knob(1.0, "pretrain", keyed_when_set=True)
     common_shift: float = _knob(0.0, "pretrain", keyed_when_set=True)
+    shift_grey: float = _knob(1.0, "pretrain", keyed_when_set=True)
     # fine-tuning of the vision tower against the frozen zero-shot head
     ft_steps: int = _knob(500, "finetune")
     ft_batch: int = _knob(32, "finetune")
