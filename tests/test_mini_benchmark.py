@@ -515,7 +515,8 @@ def test_shape_checks_state_the_real_benchmarks_ordering():
 
 
 def test_recipe_loop_measures_a_variant_on_val_and_logs_it(tmp_path):
-    from statsmerge_plugin.mini.shape import format_variants, run_variant, shape_checks
+    from statsmerge_plugin.mini.shape import run_variant, shape_checks
+    from statsmerge_plugin.mini.shape_report import format_shape, format_variants
 
     log = tmp_path / "variants.jsonl"
     record = run_variant(
@@ -533,12 +534,14 @@ def test_recipe_loop_measures_a_variant_on_val_and_logs_it(tmp_path):
     assert {"zero-shot", "individual", "simple_average", "ties", "adamerging"} <= set(rows)
     assert {f"task_arithmetic_{lam}" for lam in (0.1, 0.2, 0.3)} <= set(rows)
     assert set(record["single_vector"]) == set(TASK_NAMES)
+    assert all(0 <= s["own_trimmed"] <= 1 for s in record["single_vector"].values())
     manifest = read_manifest(tmp_path / "root" / record["key"])
     assert manifest["recipe"]["ft_steps"] == 4
     assert "test_accuracy" not in manifest  # a search build never evaluates on test
     lines = log.read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["key"] == record["key"]
     table = format_variants([json.loads(lines[0])])
+    assert "trimmed" in format_shape(record) and "individual ≥ 88" in format_shape(record)
     assert "| tiny | ft_steps=4 | 0 |" in table
     # the r3 diagnostics: AdaMerging's confident vs unsure half per task, the free control's range
     confidence = record["diagnostics"]["adamerging_confidence"]
@@ -568,6 +571,31 @@ def test_confidence_halves_and_coefficient_range():
         confidence_halves(logits, labels[:3])
     c = torch.tensor([[0.3, 1.5, -0.5], [2.0, -3.0, 0.0]])
     assert coefficient_range(c) == {"fraction_within": 0.6667, "max_abs": 3.0}
+
+
+def test_trim_task_vector_keeps_the_largest_entries_and_resets_the_rest():
+    """TIES's trim as the shape report applies it: the largest |τ| entries over the whole state
+    dict keep the fine-tuned value, every other entry is θ0's."""
+    from statsmerge_plugin.mini.diagnostics import trim_task_vector
+
+    gen = torch.Generator().manual_seed(0)
+    theta0 = {
+        "a.weight": torch.randn(6, 5, generator=gen),
+        "b.bias": torch.randn(10, generator=gen),
+    }
+    theta = {k: v + torch.randn(v.shape, generator=gen) for k, v in theta0.items()}
+    out = trim_task_vector(theta0, theta, keep=20)
+    tau = torch.cat([(theta[k] - theta0[k]).flatten() for k in sorted(theta0)])
+    moved = torch.cat([(out[k] != theta0[k]).flatten() for k in sorted(theta0)])
+    assert 8 <= int(moved.sum()) <= 9  # 20 % of 40 (FusionBench's topk_values_mask keeps k + 1)
+    assert tau.abs()[moved].min() > tau.abs()[~moved].max()  # the largest ones, across tensors
+    for k in theta0:
+        kept = out[k] != theta0[k]
+        assert torch.allclose(out[k][kept], theta[k][kept])
+    with pytest.raises(KeyError, match="c.weight"):
+        trim_task_vector(theta0, dict(theta, **{"c.weight": torch.zeros(1)}))
+    with pytest.raises(ValueError, match="keep"):
+        trim_task_vector(theta0, theta, keep=100)
 
 
 def test_build_command_honours_the_resolvers_seed_and_preset_variables(tmp_path):

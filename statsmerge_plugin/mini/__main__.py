@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "shape":
         return shape_main(args)
     if args.command == "variants":
-        from .shape import format_variants
+        from .shape_report import format_variants
 
         with open(args.log) as fh:
             print(format_variants([json.loads(line) for line in fh if line.strip()]))
@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
 
 def shape_main(args: argparse.Namespace) -> int:
     from .recipe import get_recipe
-    from .shape import format_shape, parse_overrides, run_variant
+    from .shape import parse_overrides, run_variant
+    from .shape_report import format_shape
 
     overrides = parse_overrides(args.overrides, get_recipe(args.preset))
     record = run_variant(

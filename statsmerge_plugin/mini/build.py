@@ -132,7 +132,13 @@ def build_into(
         vision = train.vision_tower(clip)
         train.seed_everything(seed * 1000 + i)
         train.finetune(
-            vision, clip.visual_projection, head, splits[task]["train"], recipe, seed * 1000 + i
+            vision,
+            clip.visual_projection,
+            head,
+            splits[task]["train"],
+            recipe,
+            seed * 1000 + i,
+            progress=pbar,
         )
         train_acc[task] = round(
             train.accuracy(vision, clip.visual_projection, head, splits[task]["train"]), 4

@@ -9,6 +9,12 @@
   of learned coefficients in [-0.5, 1.5] and the largest |lambda|. :func:`free_control_coefficients`
   runs the free-coefficient control of the leaderboard (StatsMerging's ``learner=free``, layer-wise,
   lr 0.03, label-free) on the build's val images.
+* **Does a task vector survive TIES's trim?** TIES keeps each task vector's top 20 % entries by
+  magnitude. :func:`trim_task_vector` applies exactly that trim (FusionBench's own
+  ``topk_values_mask`` over the flattened state dict); the shape report evaluates θ0 plus the
+  trimmed vector of each task on that task. On real models the trimmed vector keeps most of the
+  fine-tune's accuracy (Yadav et al. 2023, Sec. 3); where it does not, TIES cannot beat task
+  arithmetic on that task.
 
 The pure functions take tensors; the runners only wire the mini build to FusionBench's classes.
 """
@@ -47,6 +53,39 @@ def confidence_halves(logits: torch.Tensor, labels: torch.Tensor) -> Dict[str, f
         "unsure": round(unsure, 4),
         "gap": round(confident - unsure, 4),
     }
+
+
+def trim_task_vector(
+    pretrained: Dict[str, torch.Tensor], finetuned: Dict[str, torch.Tensor], keep: float = 20
+) -> Dict[str, torch.Tensor]:
+    """θ0 + trim(τ), τ = ``finetuned`` − ``pretrained``: the top ``keep`` % of τ's entries by
+    magnitude over the whole flattened vector, every other entry reset to θ0 (TIES step 1, Yadav
+    et al. 2023, Sec. 3; ``keep`` as FusionBench's ``threshold``, in %)."""
+    from fusion_bench.method.ties_merging.ties_merging_utils import (
+        state_dict_to_vector,
+        topk_values_mask,
+        vector_to_state_dict,
+    )
+
+    if set(pretrained) != set(finetuned):
+        raise KeyError(
+            "pretrained and fine-tuned state dicts differ in keys: "
+            f"{sorted(set(pretrained) ^ set(finetuned))[:5]}"
+        )
+    if not 0 < keep < 100:
+        raise ValueError(f"keep is a percentage in (0, 100), got {keep}")
+    tau = state_dict_to_vector({k: finetuned[k] - pretrained[k] for k in pretrained})
+    trimmed = topk_values_mask(tau[None], K=keep)[0][0]
+    delta = vector_to_state_dict(trimmed, pretrained)
+    return {k: pretrained[k] + delta[k] for k in pretrained}
+
+
+def trimmed_task_model(pool, task: str, keep: float = 20):
+    """The pool's pretrained model carrying ``task``'s trimmed task vector (:func:`trim_task_vector`)."""
+    model = pool.load_model("_pretrained_")
+    finetuned = pool.load_model(task).state_dict()
+    model.load_state_dict(trim_task_vector(model.state_dict(), finetuned, keep))
+    return model
 
 
 def coefficient_range(

@@ -27,6 +27,7 @@ from .diagnostics import (
     coefficient_range,
     free_control_coefficients,
     merged_model_confidence,
+    trimmed_task_model,
 )
 from .evaluate import accuracies, modelpool, taskpool
 from .recipe import Recipe
@@ -150,12 +151,18 @@ def measure_shape(
     )
     done("individual")
     single: Dict[str, Dict[str, float]] = {}
-    for task in tasks:  # one task vector at λ = 0.3
+    for task in tasks:  # one task vector at λ = 0.3; its TIES-trimmed version at λ = 1
         accs = evaluate(
             TaskArithmeticAlgorithm(scaling_factor=0.3).run(modelpool(root, [task], ()))
         )
         others = [accs[o] - rows["zero-shot"][o] for o in tasks if o != task]
-        single[task] = {"own": accs[task], "others_change": round(sum(others) / len(others), 4)}
+        trimmed = trimmed_task_model(pool, task, TIES["threshold"])
+        own_trimmed = accuracies(taskpool(root, [task], split).evaluate(trimmed), [task])[task]
+        single[task] = {
+            "own": accs[task],
+            "others_change": round(sum(others) / len(others), 4),
+            "own_trimmed": own_trimmed,
+        }
     timings["single"] = round(time.perf_counter() - t, 1)
     progress(f"zero-shot / individual / single vectors: {timings['single']} s")
     rows["simple_average"] = _row(evaluate(SimpleAverageAlgorithm().run(pool)))
@@ -269,34 +276,6 @@ def shape_checks(
     return checks
 
 
-def format_shape(result: Dict[str, object]) -> str:
-    """Per-row averages, the single-vector diagnostic and the checks, as plain text."""
-    from .evaluate import format_table
-
-    rows = result["rows"]
-    lines = [format_table(rows), "", "one task vector at λ = 0.3 (own accuracy, others' change):"]
-    for task, s in result["single_vector"].items():
-        lines.append(
-            f"  {task:<20} own {100 * s['own']:5.1f}   others {100 * s['others_change']:+5.1f}"
-        )
-    mean_change = sum(s["others_change"] for s in result["single_vector"].values()) / len(
-        result["single_vector"]
-    )
-    lines.append(f"  mean change of the other tasks: {100 * mean_change:+.2f}")
-    diagnostics = result.get("diagnostics") or {}
-    if diagnostics.get("adamerging_confidence"):
-        lines += ["", "AdaMerging's merged model, confident vs unsure half (accuracy):"]
-        for task, c in diagnostics["adamerging_confidence"].items():
-            lines.append(
-                f"  {task:<20} confident {100 * c['confident']:5.1f}   unsure "
-                f"{100 * c['unsure']:5.1f}   gap {100 * c['gap']:+5.1f}"
-            )
-    lines.append("")
-    for name, ok, detail in shape_checks(rows, diagnostics):
-        lines.append(f"  [{'x' if ok else ' '}] {name} {detail}")
-    return "\n".join(lines)
-
-
 def run_variant(
     overrides: Dict[str, object],
     seed: int = 0,
@@ -347,41 +326,3 @@ def run_variant(
     with open(log, "a") as fh:
         fh.write(json.dumps(record) + "\n")
     return record
-
-
-def format_variants(records: Sequence[Dict[str, object]]) -> str:
-    """A markdown table of recipe-loop records (one row per variant and seed), val averages in %."""
-    cols = ["zero-shot", "individual", "simple_average"]
-    cols += [f"task_arithmetic_{lam}" for lam in TA_GRID] + ["ties", "adamerging"]
-    head = "| variant | knobs changed | seed | ZS | ind (min task) | SA | TA .1 | TA .2 | TA .3 | TIES "
-    head += "| AdaM | one τ at 0.3: others | AdaM conf − unsure (min) | free λ in range, max |λ| "
-    head += "| targets met |"
-    lines = [head, "|" + "---|" * 15]
-    for rec in records:
-        rows = rec["rows"]
-        ind = rows["individual"]
-        cells = []
-        for col in cols:
-            if col not in rows:
-                cells.append("–")
-            elif col == "individual":
-                low = min(v for k, v in ind.items() if k != "average")
-                cells.append(f"{100 * ind['average']:.1f} ({100 * low:.0f})")
-            else:
-                cells.append(f"{100 * rows[col]['average']:.1f}")
-        single = rec["single_vector"].values()
-        others = 100 * sum(s["others_change"] for s in single) / len(single)
-        diagnostics = rec.get("diagnostics") or {}
-        confidence = diagnostics.get("adamerging_confidence")
-        gap = f"{100 * min(c['gap'] for c in confidence.values()):+.1f}" if confidence else "–"
-        free = diagnostics.get("free_control_coefficients")
-        spread = f"{100 * free['fraction_within']:.0f} %, {free['max_abs']:.1f}" if free else "–"
-        checks = shape_checks(rows, diagnostics)
-        met = f"{sum(ok for _, ok, _ in checks)}/{len(checks)}"
-        knobs = ", ".join(f"{k}={v}" for k, v in rec["overrides"].items() if k != "num_threads")
-        lines.append(
-            f"| {rec['name']} | {knobs or '–'} | {rec['seed']} | "
-            + " | ".join(cells)
-            + f" | {others:+.2f} | {gap} | {spread} | {met} |"
-        )
-    return "\n".join(lines)

@@ -246,7 +246,16 @@ def vision_logits(vision_model, projection, head: torch.Tensor, pixels: torch.Te
     return LOGIT_SCALE * F.normalize(projection(pooled), dim=-1) @ head.T
 
 
-def finetune(vision_model, projection, head, split: Split, recipe: Recipe, seed: int, desc="ft"):
+def finetune(
+    vision_model,
+    projection,
+    head,
+    split: Split,
+    recipe: Recipe,
+    seed: int,
+    desc="ft",
+    progress: bool = True,
+):
     """Train ``vision_model`` (a ``CLIPVisionModel``) in place with cross-entropy on ``split``."""
     projection.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
@@ -260,7 +269,14 @@ def finetune(vision_model, projection, head, split: Split, recipe: Recipe, seed:
     vision_model.train()
     params = [p for p in vision_model.parameters() if p.requires_grad]
     losses = optimize(
-        params, step_loss, recipe.ft_steps, recipe.ft_lr, recipe.ft_wd, desc=desc, leave=False
+        params,
+        step_loss,
+        recipe.ft_steps,
+        recipe.ft_lr,
+        recipe.ft_wd,
+        desc=desc,
+        progress=progress,
+        leave=False,
     )
     vision_model.eval()
     return losses

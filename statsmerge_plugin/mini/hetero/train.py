@@ -134,6 +134,7 @@ def train_wide_clip(
         r,
         seed,
         desc=f"teacher {task} (CLIP)",
+        progress=progress,
     )
     accs = {
         s: round(mini_train.accuracy(vision, clip.visual_projection, head, splits[s]), 4)
