@@ -141,11 +141,10 @@ def measure_shape(
     t = time.perf_counter()
     rows["zero-shot"] = _row(evaluate(pool.load_model("_pretrained_")))
     done("zero-shot")
+    alone = {task: taskpool(root, [task], split) for task in tasks}  # each task on its own
     rows["individual"] = _row(
         {
-            task: accuracies(taskpool(root, [task], split).evaluate(pool.load_model(task)), [task])[
-                task
-            ]
+            task: accuracies(alone[task].evaluate(pool.load_model(task)), [task])[task]
             for task in tasks
         }
     )
@@ -157,7 +156,7 @@ def measure_shape(
         )
         others = [accs[o] - rows["zero-shot"][o] for o in tasks if o != task]
         trimmed = trimmed_task_model(pool, task, TIES["threshold"])
-        own_trimmed = accuracies(taskpool(root, [task], split).evaluate(trimmed), [task])[task]
+        own_trimmed = accuracies(alone[task].evaluate(trimmed), [task])[task]
         single[task] = {
             "own": accs[task],
             "others_change": round(sum(others) / len(others), 4),
