@@ -181,13 +181,15 @@ def test_domain_knobs_are_keyed_only_when_set():
     from statsmerge_plugin.mini.recipe import key_fields
 
     recipe = get_recipe("default")
-    assert not {"domain_shift", "rare_frac", "common_shift", "shift_grey"} & set(key_fields(recipe))
+    knobs = {"domain_shift", "rare_frac", "common_shift", "shift_grey", "common_grey"}
+    assert not knobs & set(key_fields(recipe))
     key = build_key(recipe, "default", 0, TASK_NAMES)
     for knob, value in (
         ("domain_shift", 1.0),
         ("rare_frac", 0.3),
         ("common_shift", 0.5),
         ("shift_grey", 0.0),
+        ("common_grey", 0.0),
     ):
         changed = recipe.replace(**{knob: value})
         assert key_fields(changed)[knob] == value
@@ -228,6 +230,20 @@ def test_pretraining_domain_of_rare_and_common_tasks():
     assert np.array_equal(thumb[:, 0::2, 0::2], thumb[:, 1::2, 1::2])  # 2x2 blocks of one colour
     with pytest.raises(ValueError, match="shift_grey"):
         check_domain_knobs(0.5, 1.0, 0.0, 1.5)
+    # common_grey scales the colour loss of the common tasks only: at 0 they keep their colours
+    # (still thumbnails) while the rare tasks stay grey; at 1.0 nothing changes
+    for grey_scale in (1.0, 0.0):
+        rare_out = pretrain_pool("mini_svhn", rare, 1.0, 0.5, 1.0, 1.0, grey_scale).images
+        assert np.array_equal(rare_out, shifted.images)
+    assert np.array_equal(
+        pretrain_pool("mini_sun397", common, 0.0, 1.0, 0.7, 1.0, 1.0).images,
+        pretrain_pool("mini_sun397", common, 0.0, 1.0, 0.7).images,
+    )
+    coloured = pretrain_pool("mini_sun397", common, 0.0, 1.0, 0.7, 1.0, 0.0).images
+    assert np.array_equal(coloured, render_shifted(common.images, 0.7, 0.0))
+    assert np.abs(coloured[..., 0].astype(int) - coloured[..., 1]).max() > 10
+    with pytest.raises(ValueError, match="common_grey"):
+        check_domain_knobs(0.5, 1.0, 0.0, 1.0, -0.1)
     with pytest.raises(ValueError, match="domain_shift"):
         check_domain_knobs(1.5, 1.0)
     with pytest.raises(ValueError, match="rare_frac"):

@@ -112,6 +112,7 @@ def build_into(
             recipe.rare_frac,
             recipe.common_shift,
             recipe.shift_grey,
+            recipe.common_grey,
         )
         for part in data.SPLITS:
             data.save_split(splits[task][part], task, out / "data" / task / part)

@@ -23,9 +23,15 @@ the five with the lowest zero-shot accuracy on the real ViT-B/32):
     and a task whose classes differ mostly by colour (the EuroSAT analogue) otherwise has to build
     colour features in its fine-tune that trimming then removes (``docs/mini-benchmark.md``, r3
     search).
+``common_grey``
+    in ``[0, 1]``, scales ``shift_grey`` for the common tasks alone: their colour is mixed toward
+    grey by ``common_grey * shift_grey * common_shift``. At 1.0 (its default) both kinds of task
+    lose colour alike; at 0 the common tasks' pretraining images keep their colours (still
+    low-resolution) while the rare ones stay grey, as a web pool that is colourful everywhere but
+    holds the rare domains only as grey scans would.
 
 Captions are never changed by these knobs. At their neutral values (``domain_shift=0``,
-``rare_frac=1``, ``common_shift=0``, ``shift_grey=1``) the pretraining pool is exactly r2's, and
+``rare_frac=1``, ``common_shift=0``, ``shift_grey=1``, ``common_grey=1``) the pretraining pool is exactly r2's, and
 the knobs stay out of the build key (``recipe.py``), so every earlier build keeps its key.
 """
 
@@ -38,13 +44,18 @@ RARE_DOMAIN_TASKS = ("mini_eurosat", "mini_svhn", "mini_gtsrb", "mini_mnist", "m
 
 
 def check_domain_knobs(
-    domain_shift: float, rare_frac: float, common_shift: float = 0.0, shift_grey: float = 1.0
+    domain_shift: float,
+    rare_frac: float,
+    common_shift: float = 0.0,
+    shift_grey: float = 1.0,
+    common_grey: float = 1.0,
 ) -> None:
     """Raise ``ValueError`` naming the recipe knob out of its range."""
     for name, value in (
         ("domain_shift", domain_shift),
         ("common_shift", common_shift),
         ("shift_grey", shift_grey),
+        ("common_grey", common_grey),
     ):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"recipe knob {name} must be in [0, 1], got {value}")
@@ -80,16 +91,22 @@ def render_shifted(images: np.ndarray, domain_shift: float, shift_grey: float = 
 
 
 def pretrain_pool(
-    task: str, split, domain_shift: float, rare_frac: float, common_shift=0.0, shift_grey=1.0
+    task: str,
+    split,
+    domain_shift: float,
+    rare_frac: float,
+    common_shift=0.0,
+    shift_grey=1.0,
+    common_grey=1.0,
 ):
     """``split`` (a :class:`~.data.Split` of the ``pretrain`` part) as the pretraining pool shows
-    ``task``: re-rendered by ``common_shift`` for the common tasks; subsampled (class-balanced,
-    first images kept) and re-rendered by ``domain_shift`` for the rare-domain ones."""
-    check_domain_knobs(domain_shift, rare_frac, common_shift, shift_grey)
+    ``task``: re-rendered by ``common_shift`` (colour loss scaled by ``common_grey``) for the
+    common tasks; subsampled (class-balanced, first images kept) and re-rendered by
+    ``domain_shift`` for the rare-domain ones."""
+    check_domain_knobs(domain_shift, rare_frac, common_shift, shift_grey, common_grey)
     if task not in RARE_DOMAIN_TASKS:
-        return type(split)(
-            images=render_shifted(split.images, common_shift, shift_grey), labels=split.labels
-        )
+        images = render_shifted(split.images, common_shift, common_grey * shift_grey)
+        return type(split)(images=images, labels=split.labels)
     num_classes = int(split.labels.max()) + 1
     keep = max(num_classes, int(round(rare_frac * len(split.labels))))
     keep -= keep % num_classes  # whole rounds of the class-interleaved order
