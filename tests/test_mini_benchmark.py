@@ -574,6 +574,37 @@ def test_recipe_loop_measures_a_variant_on_val_and_logs_it(tmp_path):
     assert f"| {100 * gap:+.1f} | {100 * free['fraction_within']:.0f} %," in table
 
 
+def test_recipe_loop_on_a_task_subset_and_a_bad_task_name(tmp_path):
+    """The robustness check's subset: ``shape --tasks`` builds and measures only those tasks, and
+    records them; an unknown task name fails before anything is built."""
+    from statsmerge_plugin.mini.__main__ import main
+    from statsmerge_plugin.mini.shape import run_variant
+    from statsmerge_plugin.mini.shape_report import format_variants
+
+    root, log = tmp_path / "root", tmp_path / "variants.jsonl"
+    record = run_variant(
+        {"ft_steps": 4},
+        seed=3,
+        root=root,
+        preset="smoke",
+        adamerging_steps=2,
+        log=log,
+        name="pair",
+        progress=False,
+        free_control_steps=0,
+        tasks="dtd,mnist",
+    )
+    assert record["tasks"] == ["mini_mnist", "mini_dtd"]  # TA8 order
+    assert set(record["rows"]["individual"]) == {"mini_mnist", "mini_dtd", "average"}
+    assert set(record["diagnostics"]["adamerging_confidence"]) == {"mini_mnist", "mini_dtd"}
+    assert read_manifest(root / record["key"])["tasks"] == ["mini_mnist", "mini_dtd"]
+    assert "| pair | ft_steps=4 | 3 (2 tasks) |" in format_variants([json.loads(log.read_text())])
+    before = sorted(p.name for p in root.iterdir())
+    assert main(["shape", "--preset", "smoke", "--root", str(root), "--tasks", "mnist,mnsit"]) == 2
+    assert sorted(p.name for p in root.iterdir()) == before
+    assert len(log.read_text().splitlines()) == 1
+
+
 def test_confidence_halves_and_coefficient_range():
     from statsmerge_plugin.mini.diagnostics import coefficient_range, confidence_halves
 

@@ -54,6 +54,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="override a recipe knob of the preset (repeatable), e.g. --set ft_lr=1e-4",
     )
     shape.add_argument("--seed", type=int, default=0)
+    shape.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated subset (default: all eight), e.g. for the robustness check",
+    )
     shape.add_argument("--root", default=None, help="cache dir (as for build)")
     shape.add_argument("--preset", default="default", choices=["default", "smoke"])
     shape.add_argument(
@@ -136,6 +141,7 @@ def shape_main(args: argparse.Namespace) -> int:
         name=args.name,
         progress=not args.quiet,
         split=args.split,
+        tasks=args.tasks,
     )
     print(f"variant {args.name or overrides} seed {args.seed}, {args.split} split: {record['key']}")
     print(format_shape(record))

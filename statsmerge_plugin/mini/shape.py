@@ -286,27 +286,27 @@ def run_variant(
     progress: bool = True,
     split: str = "val",
     free_control_steps: int = FREE_CONTROL_STEPS,
+    tasks=None,
 ) -> Dict[str, object]:
-    """Build ``preset``'s recipe with ``overrides`` (without test evaluation) and measure its shape
-    on ``split`` (``val`` to choose a recipe; ``test`` only to report the chosen one); append the
-    record (recipe, build time, shape) to ``log``."""
+    """Build ``preset``'s recipe with ``overrides`` (without test evaluation) on ``tasks`` (a
+    subset as ``build`` takes it; default all eight) and measure its shape on ``split`` (``val`` to
+    choose a recipe; ``test`` only to report the chosen one); append the record (recipe, tasks,
+    build time, shape) to ``log``."""
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
-    from .build import build_mini_benchmark, default_root
+    from .build import build_mini_benchmark, default_root, normalize_tasks
     from .recipe import get_recipe
-    from .tasks import TASK_NAMES
 
     # a search build never evaluates on test (its manifest would show test figures)
+    tasks = normalize_tasks(tasks)  # bad names fail here, before any build
     recipe = get_recipe(preset).replace(**dict(overrides, evaluate=split == "test"))
     root = Path(root) if root is not None else default_root()
     t = time.perf_counter()
-    manifest = build_mini_benchmark(
-        root, seed, TASK_NAMES, preset, recipe=recipe, progress=progress
-    )
+    manifest = build_mini_benchmark(root, seed, tasks, preset, recipe=recipe, progress=progress)
     build_s = round(time.perf_counter() - t, 1)
     result = measure_shape(
         Path(manifest["path"]),
-        TASK_NAMES,
+        tasks,
         split,
         adamerging_steps,
         free_control_steps=free_control_steps,
@@ -315,6 +315,7 @@ def run_variant(
         "name": name,
         "overrides": overrides,
         "seed": seed,
+        "tasks": list(tasks),
         "key": manifest["key"],
         "build_seconds_this_run": build_s,
         "build_timings_seconds": manifest.get("timings_seconds"),
