@@ -568,10 +568,42 @@ def test_recipe_loop_measures_a_variant_on_val_and_logs_it(tmp_path):
         )
     free = record["diagnostics"]["free_control_coefficients"]
     assert 0 < free["fraction_within"] <= 1 and free["max_abs"] > 0
+    assert 0 <= free["average_clamped"] <= 1 and 0 <= free["average"] <= 1
+    delta = 100 * (free["average_clamped"] - free["average"])
+    assert f"clamped to [-0.5, 1.5]: {100 * free['average_clamped']:.1f}" in format_shape(record)
+    assert f"; clamped {delta:+.1f} |" in table
     names = [name for name, _, _ in shape_checks(record["rows"], record["diagnostics"])]
     assert names[-2].startswith("AdaMerging's confident half") and names[-1].startswith("free")
     gap = min(c["gap"] for c in confidence.values())
     assert f"| {100 * gap:+.1f} | {100 * free['fraction_within']:.0f} %," in table
+
+
+def test_free_control_remerged_with_its_own_coefficients_is_its_model(smoke_build):
+    """merge_with_coefficients (the clamped re-merge of the shape report) rebuilds the free
+    control's merged model exactly from its coefficients; clamping changes exactly the tensors
+    with a coefficient out of range; a tensor name the model lacks is named in the error."""
+    from statsmerge_plugin.mini.diagnostics import (
+        COEFFICIENT_RANGE,
+        free_control,
+        merge_with_coefficients,
+    )
+    from statsmerge_plugin.mini.evaluate import modelpool
+
+    root, tasks = Path(smoke_build["path"]), list(TASK_NAMES)
+    free = free_control(root, tasks, max_steps=3, num_unlabelled_per_task=None)
+    coefficients, names = free["coefficients"], free["tensor_names"]
+    assert coefficients.shape == (len(tasks), len(names))
+    pool = modelpool(root, tasks, splits=())
+    again = merge_with_coefficients(pool, tasks, coefficients, names).state_dict()
+    for name, tensor in free["model"].state_dict().items():
+        torch.testing.assert_close(again[name], tensor, msg=name)
+    wild = coefficients.clone()
+    wild[:, 0] = 9.0  # the first tensor's coefficients out of range
+    clamped = merge_with_coefficients(pool, tasks, wild.clamp(*COEFFICIENT_RANGE), names)
+    unclamped = merge_with_coefficients(pool, tasks, wild, names)
+    assert not torch.equal(clamped.state_dict()[names[0]], unclamped.state_dict()[names[0]])
+    with pytest.raises(KeyError, match="no_such.weight"):
+        merge_with_coefficients(pool, tasks, coefficients[:, :1], ["no_such.weight"])
 
 
 def test_recipe_loop_on_a_task_subset_and_a_bad_task_name(tmp_path):

@@ -6,9 +6,11 @@
   gives each half's accuracy. :func:`merged_model_confidence` does this for every task, with
   FusionBench's own ``HFCLIPClassifier`` on the task pool's images.
 * **Do the winning merges need extreme coefficients?** :func:`coefficient_range` gives the fraction
-  of learned coefficients in [-0.5, 1.5] and the largest |lambda|. :func:`free_control_coefficients`
+  of learned coefficients in [-0.5, 1.5] and the largest |lambda|. :func:`free_control`
   runs the free-coefficient control of the leaderboard (StatsMerging's ``learner=free``, layer-wise,
-  lr 0.03, label-free) on the build's val images.
+  lr 0.03, label-free) on the build's val images; :func:`merge_with_coefficients` re-merges it with
+  its coefficients clamped to [-0.5, 1.5]: if that costs nothing, the extreme coefficients are
+  drift along directions the objective does not see, not what the merge needs.
 * **Does a task vector survive TIES's trim?** TIES keeps each task vector's top 20 % entries by
   magnitude. :func:`trim_task_vector` applies exactly that trim (FusionBench's own
   ``topk_values_mask`` over the flattened state dict); the shape report evaluates θ0 plus the
@@ -131,12 +133,13 @@ def merged_model_confidence(model, root: Path, tasks: Sequence[str], split: str)
     }
 
 
-def free_control_coefficients(
+def free_control(
     root: Path, tasks: Sequence[str], max_steps: int = 500, num_unlabelled_per_task=128
-):
-    """The learned ``[K, L]`` coefficients of the leaderboard's free-coefficient control
-    (``statsmerging_free``: layer-wise StatsMerging with a free logit table, lr 0.03, 128 unlabelled
-    images per task; ``None``: the whole split) on the build's val images (never its test split)."""
+) -> Dict[str, object]:
+    """The leaderboard's free-coefficient control (``statsmerging_free``: layer-wise StatsMerging
+    with a free logit table, lr 0.03, 128 unlabelled images per task; ``None``: the whole split)
+    trained on the build's val images (never its test split). Returns ``{"coefficients"`` ``[K, L]``,
+    ``"tensor_names"`` (the L merged tensors), ``"model"`` (its merged vision model)``}``."""
     import lightning as L
     from lightning.fabric.loggers import TensorBoardLogger
 
@@ -155,6 +158,33 @@ def free_control_coefficients(
     with tempfile.TemporaryDirectory() as logs:
         logger = TensorBoardLogger(logs, name="free_control")
         algorithm.fabric = L.Fabric(accelerator="cpu", devices=1, loggers=[logger])
-        algorithm.run(modelpool(root, tasks, splits=("val",)))
+        model = algorithm.run(modelpool(root, tasks, splits=("val",)))
         (path,) = Path(logs).glob("**/statsmerging/coefficients.pt")
-        return torch.load(path)["coefficients"]
+        saved = torch.load(path)
+    return {
+        "coefficients": saved["coefficients"],
+        "tensor_names": list(saved["tensor_names"]),
+        "model": model,
+    }
+
+
+@torch.no_grad()
+def merge_with_coefficients(
+    pool, tasks: Sequence[str], coefficients: torch.Tensor, names: Sequence[str]
+):
+    """The pool's pretrained model with ``theta_0^l + sum_k lambda_k^l tau_k^l`` on each tensor
+    in ``names`` (StatsMerging's merge rule, ``merge_state``) for given ``[K, L]`` coefficients,
+    ``K`` in the order of ``tasks``; every other tensor stays theta_0. Used to re-merge the free
+    control with its coefficients clamped to :data:`COEFFICIENT_RANGE`."""
+    from statsmerge_plugin.method.statsmerging.merge import merge_state
+
+    model = pool.load_model("_pretrained_")
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"tensors {missing[:5]} are not parameters of the pretrained model")
+    theta0 = {n: params[n].detach().clone() for n in names}
+    finetuned = [dict(pool.load_model(task).named_parameters()) for task in tasks]
+    task_vectors = {n: torch.stack([f[n].detach() - theta0[n] for f in finetuned]) for n in names}
+    model.load_state_dict(merge_state(theta0, task_vectors, coefficients, names), strict=False)
+    return model

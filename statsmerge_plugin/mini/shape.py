@@ -25,7 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .diagnostics import (
     COEFFICIENT_RANGE,
     coefficient_range,
-    free_control_coefficients,
+    free_control,
+    merge_with_coefficients,
     merged_model_confidence,
     trimmed_task_model,
 )
@@ -187,8 +188,15 @@ def measure_shape(
         val_images = 10 * (read_manifest(root) or {}).get("recipe", {}).get("n_val", 0)
         # the leaderboard's 128 images per task, or the whole val split when it is smaller
         per_task = 128 if val_images >= 128 else None
-        coefficients = free_control_coefficients(root, tasks, free_control_steps, per_task)
-        diagnostics["free_control_coefficients"] = coefficient_range(coefficients)
+        free = free_control(root, tasks, free_control_steps, per_task)
+        clamped = merge_with_coefficients(
+            pool, tasks, free["coefficients"].clamp(*COEFFICIENT_RANGE), free["tensor_names"]
+        )
+        diagnostics["free_control_coefficients"] = {
+            **coefficient_range(free["coefficients"]),
+            "average": _row(evaluate(free["model"]))["average"],
+            "average_clamped": _row(evaluate(clamped))["average"],
+        }
         timings["free_control"] = round(time.perf_counter() - t, 1)
         progress(f"free control: {diagnostics['free_control_coefficients']}")
     return {

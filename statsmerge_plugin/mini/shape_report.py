@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Dict, Sequence
 
+from .diagnostics import COEFFICIENT_RANGE
 from .shape import TA_GRID, TIES, shape_checks
 
 
@@ -38,6 +39,14 @@ def format_shape(result: Dict[str, object]) -> str:
                 f"  {task:<20} confident {100 * c['confident']:5.1f}   unsure "
                 f"{100 * c['unsure']:5.1f}   gap {100 * c['gap']:+5.1f}"
             )
+    free = diagnostics.get("free_control_coefficients") or {}
+    if "average_clamped" in free:
+        lines += [
+            "",
+            f"free control: average {100 * free['average']:.1f}; with its λ clamped to "
+            f"[{COEFFICIENT_RANGE[0]}, {COEFFICIENT_RANGE[1]}]: {100 * free['average_clamped']:.1f} "
+            f"({100 * (free['average_clamped'] - free['average']):+.1f})",
+        ]
     lines.append("")
     for name, ok, detail in shape_checks(rows, diagnostics):
         lines.append(f"  [{'x' if ok else ' '}] {name} {detail}")
@@ -49,7 +58,7 @@ def format_variants(records: Sequence[Dict[str, object]]) -> str:
     cols = ["zero-shot", "individual", "simple_average"]
     cols += [f"task_arithmetic_{lam}" for lam in TA_GRID] + ["ties", "adamerging"]
     head = "| variant | knobs changed | seed | ZS | ind (min task) | SA | TA .1 | TA .2 | TA .3 | TIES "
-    head += "| AdaM | one τ at 0.3: others | AdaM conf − unsure (min) | free λ in range, max |λ| "
+    head += "| AdaM | one τ at 0.3: others | AdaM conf − unsure (min) | free λ in range, max |λ|; Δ avg clamped "
     head += "| targets met |"
     lines = [head, "|" + "---|" * 15]
     for rec in records:
@@ -71,6 +80,10 @@ def format_variants(records: Sequence[Dict[str, object]]) -> str:
         gap = f"{100 * min(c['gap'] for c in confidence.values()):+.1f}" if confidence else "–"
         free = diagnostics.get("free_control_coefficients")
         spread = f"{100 * free['fraction_within']:.0f} %, {free['max_abs']:.1f}" if free else "–"
+        if (
+            free and "average_clamped" in free
+        ):  # what clamping λ to the range costs (older records lack it)
+            spread += f"; clamped {100 * (free['average_clamped'] - free['average']):+.1f}"
         checks = shape_checks(rows, diagnostics)
         met = f"{sum(ok for _, ok, _ in checks)}/{len(checks)}"
         knobs = ", ".join(f"{k}={v}" for k, v in rec["overrides"].items() if k != "num_threads")
