@@ -578,6 +578,19 @@ def test_recipe_loop_measures_a_variant_on_val_and_logs_it(tmp_path):
     assert f"| {100 * gap:+.1f} | {100 * free['fraction_within']:.0f} %," in table
 
 
+def test_shape_adamerging_is_seeded(smoke_build):
+    """Two short AdaMerging runs of the shape report give the same merged model even when the global
+    generator was used in between (a cached build versus one built in the same process)."""
+    from statsmerge_plugin.mini.shape import adamerging
+
+    root, tasks = Path(smoke_build["path"]), list(TASK_NAMES)
+    first = adamerging(root, tasks, "val", max_steps=2).state_dict()
+    torch.rand(1000)  # what a build in the same process would do to the generator
+    second = adamerging(root, tasks, "val", max_steps=2).state_dict()
+    for name, tensor in first.items():
+        torch.testing.assert_close(second[name], tensor, rtol=0, atol=0, msg=name)
+
+
 def test_free_control_remerged_with_its_own_coefficients_is_its_model(smoke_build):
     """merge_with_coefficients (the clamped re-merge of the shape report) rebuilds the free
     control's merged model exactly from its coefficients; clamping changes exactly the tensors

@@ -73,9 +73,11 @@ def _row(accs: Dict[str, float]) -> Dict[str, float]:
     return dict(accs, average=_average(accs))
 
 
-def adamerging(root: Path, tasks: Sequence[str], split: str, max_steps: int):
+def adamerging(root: Path, tasks: Sequence[str], split: str, max_steps: int, seed: int = 0):
     """FusionBench's layer-wise AdaMerging (its own class and default settings), adapting on the
-    unlabelled images of ``split`` (FusionBench adapts on the images it evaluates on)."""
+    unlabelled images of ``split`` (FusionBench adapts on the images it evaluates on). Its
+    shuffling draws from the global generators, seeded here with ``seed`` (Lightning's
+    ``seed_everything``), so a record does not depend on what ran before it in the process."""
     import lightning as L
     from fusion_bench.method.adamerging.clip_layer_wise_adamerging import (
         CLIPLayerWiseAdaMergingAlgorithm,
@@ -107,6 +109,7 @@ def adamerging(root: Path, tasks: Sequence[str], split: str, max_steps: int):
     with tempfile.TemporaryDirectory() as logs:  # FusionBench logs hyperparameters and metrics
         logger = TensorBoardLogger(logs, name="adamerging")
         algorithm.fabric = L.Fabric(accelerator="cpu", devices=1, loggers=[logger])
+        L.seed_everything(seed, verbose=False)
         return algorithm.run(pool)
 
 
