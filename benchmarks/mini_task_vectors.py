@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
+    from fusion_bench.utils.instantiate_utils import set_print_function_call
 
     from statsmerge_plugin.mini.build import read_manifest
     from statsmerge_plugin.mini.diagnostics import merge_with_coefficients
@@ -84,7 +85,8 @@ def main(argv=None) -> int:
         chosen = [keep(n) for n in names]
         column = torch.tensor([args.lam if c else 0.0 for c in chosen])
         merged = merge_with_coefficients(pool, tasks, column.expand(len(tasks), -1), names)
-        acc = accuracies(evaluation.evaluate(merged), tasks)
+        with set_print_function_call(False):  # FusionBench's boxes for every dataset it loads
+            acc = accuracies(evaluation.evaluate(merged), tasks)
         cells = " ".join(f"{100 * acc[t]:7.1f}" for t in tasks)
         average = 100 * sum(acc[t] for t in tasks) / len(tasks)
         print(f"  {kind:<20}{sum(chosen):>8}  {cells}  {average:7.1f}", flush=True)

@@ -619,6 +619,42 @@ def test_free_control_remerged_with_its_own_coefficients_is_its_model(smoke_buil
         merge_with_coefficients(pool, tasks, coefficients[:, :1], ["no_such.weight"])
 
 
+def test_task_vector_benchmark_on_the_smoke_build(smoke_build, tmp_path, capsys):
+    """benchmarks/mini_task_vectors.py: its "all" row is task arithmetic at λ = 0.3 (FusionBench's
+    TaskArithmeticAlgorithm on the same val split, within one image per task: summation order), one
+    row per tensor kind with its count; a directory that is no build exits 2 naming it."""
+    import importlib.util
+
+    from fusion_bench.method import TaskArithmeticAlgorithm
+
+    from statsmerge_plugin.mini.evaluate import accuracies, modelpool, taskpool
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mini_task_vectors.py"
+    spec = importlib.util.spec_from_file_location("mini_task_vectors", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    root, tasks = Path(smoke_build["path"]), list(TASK_NAMES)
+    assert script.main([str(root)]) == 0
+    out = capsys.readouterr().out
+    rows = {
+        line[2:22].strip(): line[22:].split()
+        for line in out.splitlines()
+        if line.startswith("  ") and line[2:22].strip() in script.KINDS
+    }
+    assert set(rows) == set(script.KINDS)
+    merged = TaskArithmeticAlgorithm(scaling_factor=0.3).run(modelpool(root, tasks, ()))
+    expected = accuracies(taskpool(root, tasks, "val").evaluate(merged), tasks)
+    sizes = {t: len(load_split(root / "data" / t / "val").labels) for t in tasks}
+    count, *cells, average = rows["all"]
+    assert int(count) == len(list(merged.parameters()))
+    for task, cell in zip(tasks, cells):
+        assert abs(float(cell) - 100 * expected[task]) <= 100 / sizes[task] + 0.05, task
+    assert int(rows["patch embedding"][0]) == 1
+    assert "task-vector cosines: mean" in out
+    assert script.main([str(tmp_path)]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+
+
 def test_recipe_loop_on_a_task_subset_and_a_bad_task_name(tmp_path):
     """The robustness check's subset: ``shape --tasks`` builds and measures only those tasks, and
     records them; an unknown task name fails before anything is built."""
