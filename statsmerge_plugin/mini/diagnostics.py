@@ -138,8 +138,9 @@ def free_control(
 ) -> Dict[str, object]:
     """The leaderboard's free-coefficient control (``statsmerging_free``: layer-wise StatsMerging
     with a free logit table, lr 0.03, 128 unlabelled images per task; ``None``: the whole split)
-    trained on the build's val images (never its test split). Returns ``{"coefficients"`` ``[K, L]``,
-    ``"tensor_names"`` (the L merged tensors), ``"model"`` (its merged vision model)``}``."""
+    trained on the build's val images (never its test split). Returns a dict: ``coefficients``
+    (``[K, L]``), ``tensor_names`` (the L merged tensors, in column order) and ``model`` (the
+    merged vision model)."""
     import lightning as L
     from lightning.fabric.loggers import TensorBoardLogger
 

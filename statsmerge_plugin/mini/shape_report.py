@@ -58,7 +58,8 @@ def format_variants(records: Sequence[Dict[str, object]]) -> str:
     cols = ["zero-shot", "individual", "simple_average"]
     cols += [f"task_arithmetic_{lam}" for lam in TA_GRID] + ["ties", "adamerging"]
     head = "| variant | knobs changed | seed | ZS | ind (min task) | SA | TA .1 | TA .2 | TA .3 | TIES "
-    head += "| AdaM | one τ at 0.3: others | AdaM conf − unsure (min) | free λ in range, max |λ|; Δ avg clamped "
+    head += "| AdaM | one τ at 0.3: others | AdaM conf − unsure (min) "
+    head += "| free λ in range, max |λ|; Δ avg clamped "
     head += "| targets met |"
     lines = [head, "|" + "---|" * 15]
     for rec in records:
@@ -80,9 +81,7 @@ def format_variants(records: Sequence[Dict[str, object]]) -> str:
         gap = f"{100 * min(c['gap'] for c in confidence.values()):+.1f}" if confidence else "–"
         free = diagnostics.get("free_control_coefficients")
         spread = f"{100 * free['fraction_within']:.0f} %, {free['max_abs']:.1f}" if free else "–"
-        if (
-            free and "average_clamped" in free
-        ):  # what clamping λ to the range costs (older records lack it)
+        if free and "average_clamped" in free:  # the clamp's cost (older records lack it)
             spread += f"; clamped {100 * (free['average_clamped'] - free['average']):+.1f}"
         checks = shape_checks(rows, diagnostics)
         met = f"{sum(ok for _, ok, _ in checks)}/{len(checks)}"
