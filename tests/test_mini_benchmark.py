@@ -181,7 +181,7 @@ def test_domain_knobs_are_keyed_only_when_set():
     from statsmerge_plugin.mini.recipe import key_fields
 
     recipe = get_recipe("default")
-    knobs = {"domain_shift", "rare_frac", "common_shift", "shift_grey", "common_grey"}
+    knobs = {"domain_shift", "rare_frac", "common_shift", "shift_grey", "common_grey", "rare_zoom"}
     assert not knobs & set(key_fields(recipe))
     key = build_key(recipe, "default", 0, TASK_NAMES)
     for knob, value in (
@@ -190,6 +190,7 @@ def test_domain_knobs_are_keyed_only_when_set():
         ("common_shift", 0.5),
         ("shift_grey", 0.0),
         ("common_grey", 0.0),
+        ("rare_zoom", 1.0),
     ):
         changed = recipe.replace(**{knob: value})
         assert key_fields(changed)[knob] == value
@@ -197,12 +198,15 @@ def test_domain_knobs_are_keyed_only_when_set():
 
 
 def test_pretraining_domain_of_rare_and_common_tasks():
+    from PIL import Image
+
     from statsmerge_plugin.mini.data import generate_split
     from statsmerge_plugin.mini.domain import (
         RARE_DOMAIN_TASKS,
         check_domain_knobs,
         pretrain_pool,
         render_shifted,
+        render_zoomed,
     )
 
     rare = generate_split("mini_svhn", "pretrain", 4, seed=0)
@@ -244,6 +248,22 @@ def test_pretraining_domain_of_rare_and_common_tasks():
     assert np.abs(coloured[..., 0].astype(int) - coloured[..., 1]).max() > 10
     with pytest.raises(ValueError, match="common_grey"):
         check_domain_knobs(0.5, 1.0, 0.0, 1.0, -0.1)
+    # rare_zoom: the rare tasks' images shrunk into a corner of a canvas of their mean colour, the
+    # corner turning once per round of classes; the common tasks and the colours are untouched
+    zoomed = pretrain_pool("mini_svhn", rare, 0.0, 0.5, 0.0, 1.0, 1.0, 1.0)
+    assert np.array_equal(zoomed.labels, rare.labels[:20])
+    assert np.array_equal(
+        pretrain_pool("mini_sun397", common, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0).images, common.images
+    )
+    first, second = zoomed.images[0].astype(int), zoomed.images[10].astype(int)  # rounds 0 and 1
+    assert np.array_equal(
+        first[:16, :16], np.asarray(Image.fromarray(rare.images[0]).resize((16, 16), Image.BOX))
+    )
+    assert (first[16:, 16:] == first[31, 31]).all() and (second[:16, :16] == second[0, 0]).all()
+    assert np.abs(first[31, 31] - rare.images[0].reshape(-1, 3).mean(0)).max() <= 0.5
+    assert np.array_equal(render_zoomed(rare.images, 0.0, 10), rare.images)
+    with pytest.raises(ValueError, match="rare_zoom"):
+        check_domain_knobs(0.5, 1.0, 0.0, 1.0, 1.0, 2.0)
     with pytest.raises(ValueError, match="domain_shift"):
         check_domain_knobs(1.5, 1.0)
     with pytest.raises(ValueError, match="rare_frac"):

@@ -113,6 +113,7 @@ def build_into(
             recipe.common_shift,
             recipe.shift_grey,
             recipe.common_grey,
+            recipe.rare_zoom,
         )
         for part in data.SPLITS:
             data.save_split(splits[task][part], task, out / "data" / task / part)

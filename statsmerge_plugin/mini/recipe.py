@@ -53,12 +53,14 @@ class Recipe:
     pair_swap: float = _knob(0.65, "pretrain")
     # the rare-domain tasks' pretraining images: how far they are rendered from the tasks' own
     # domain and which fraction is kept; the common tasks' rendering shift; how much of a shift
-    # is colour loss, and a scale of that for the common tasks alone (``domain.py``)
+    # is colour loss, and a scale of that for the common tasks alone; the rare tasks' shift of
+    # composition (shrunk into a corner) (``domain.py``)
     domain_shift: float = _knob(0.0, "pretrain", keyed_when_set=True)
     rare_frac: float = _knob(1.0, "pretrain", keyed_when_set=True)
     common_shift: float = _knob(0.0, "pretrain", keyed_when_set=True)
     shift_grey: float = _knob(1.0, "pretrain", keyed_when_set=True)
     common_grey: float = _knob(1.0, "pretrain", keyed_when_set=True)
+    rare_zoom: float = _knob(0.0, "pretrain", keyed_when_set=True)
     # fine-tuning of the vision tower against the frozen zero-shot head
     ft_steps: int = _knob(500, "finetune")
     ft_batch: int = _knob(32, "finetune")
