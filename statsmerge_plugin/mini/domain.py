@@ -33,13 +33,14 @@ the five with the lowest zero-shot accuracy on the real ViT-B/32):
     in ``[0, 1]``, a shift of composition rather than rendering for the rare-domain tasks: each of
     their pretraining images is shrunk to ``32 * (1 - rare_zoom / 2)`` pixels and placed in one
     corner (the four in turn, one per round of classes) of a canvas of its own mean colour, as a
-    web photo that shows the scene small and off-centre would. Colour is untouched (apply after
+    web photo that shows the scene small and off-centre would. Colour is untouched (applied after
     ``domain_shift``). Finding 9 of the r3 search: a shift that lives in colour and resolution is
     undone by the fine-tunes at the patch embedding, which then interferes when merged.
 
 Captions are never changed by these knobs. At their neutral values (``domain_shift=0``,
-``rare_frac=1``, ``common_shift=0``, ``shift_grey=1``, ``common_grey=1``, ``rare_zoom=0``) the pretraining pool is exactly r2's, and
-the knobs stay out of the build key (``recipe.py``), so every earlier build keeps its key.
+``rare_frac=1``, ``common_shift=0``, ``shift_grey=1``, ``common_grey=1``, ``rare_zoom=0``) the
+pretraining pool is exactly r2's, and the knobs stay out of the build key (``recipe.py``), so every
+earlier build keeps its key.
 """
 
 from __future__ import annotations
